@@ -1,0 +1,641 @@
+"""The Storage and Verification SCP of the node.
+
+What a C-STORE "Success" promises here (DESIGN.md section 4): the encoded
+data set was written as received (no decode, no re-encode) to a file in
+``spool/tmp``, fsynced, linked into ``spool/<study>/<series>/<sop>.dcm``
+(directory fsynced) and journaled, in that order, before the response leaves.
+Anything else is a failure status with an error comment (PS3.7 C.4.2.1.4),
+and the association goes on.
+
+Two deliberate adaptations of pynetdicom 3.0, both installed by
+:func:`configure_pynetdicom` and documented where they are defined:
+
+* **Receive straight to the spool.** With ``STORE_RECV_CHUNKED_DATASET``
+  pynetdicom writes an incoming data set fragment by fragment to a
+  ``NamedTemporaryFile`` from its DUL thread. The node hands it a
+  :class:`~dicom_node.spool.SpoolTempFile` in ``spool/tmp`` instead: the file
+  lands on the spool's file system (so it is *linked*, never copied), holds
+  no more than one PDU in memory, and a disk-full error is remembered instead
+  of raised in the DUL thread (where it would abort the association).
+* **Storage negotiation.** Any storage, private or unknown SOP class is
+  accepted (unknown classes are stored as received, PS3.4 B.4.1 permits a
+  Level 2 SCP to do so), but only with the transfer syntaxes in
+  :data:`ACCEPTED_TRANSFER_SYNTAXES`; pynetdicom's own "unrestricted" mode
+  would accept whatever syntax comes first, including ones nothing here can
+  read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom import acse as _acse
+from pynetdicom import dimse_messages as _dimse_messages
+from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
+from pynetdicom.sop_class import Verification, uid_to_service_class
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.transport import ThreadedAssociationServer
+
+from . import statuses
+from .journal import InstanceRecord, Journal, JournalError
+from .spool import Spool, SpoolError, SpoolTempFile
+from .uids import InvalidUID, validate_uid
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("pacs_ai.audit")
+
+#: Transfer syntaxes the node accepts and stores as received: uncompressed,
+#: deflate, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE.
+ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+]
+
+_REQUIRED_TAGS = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+]
+
+#: ErrorComment is LO: at most 64 characters (PS3.7 C.4.2.1.4, PS3.5 6.2).
+MAX_ERROR_COMMENT = 64
+
+
+# --------------------------------------------------------------------------
+# pynetdicom adaptations
+# --------------------------------------------------------------------------
+_temp_dir_lock = threading.Lock()
+_temp_dir: Path | None = None
+
+
+def _spool_temp_file(*_args: Any, **_kwargs: Any) -> SpoolTempFile:
+    """Stands in for ``NamedTemporaryFile`` in ``pynetdicom.dimse_messages``."""
+    with _temp_dir_lock:
+        directory = _temp_dir
+    if directory is None:
+        raise RuntimeError("the node's spool is not configured")
+    return SpoolTempFile(directory)
+
+
+def _is_storage_like(abstract_syntax: str) -> bool:
+    """Storage, private or unknown SOP class (the same rule pynetdicom's
+    unrestricted mode uses), as opposed to a known non-storage service."""
+    uid = UID(abstract_syntax)
+    if uid.is_private:
+        return True
+    cls = uid_to_service_class(uid)
+    return cls is StorageServiceClass or cls is ServiceClass
+
+
+def negotiate_storage(
+    rq_contexts: list[PresentationContext],
+    ac_contexts: list[PresentationContext],
+    roles: Any = None,
+) -> Any:
+    """Presentation context negotiation for the node (PS3.8 9.3.2.2, 9.3.3.2).
+
+    For every proposed storage-like abstract syntax a supported context with
+    :data:`ACCEPTED_TRANSFER_SYNTAXES` is added, then pynetdicom's normal
+    acceptor negotiation runs, so each context is accepted with a syntax from
+    our list or rejected with "transfer-syntaxes-not-supported".
+    """
+    known = {cx.abstract_syntax for cx in ac_contexts}
+    extra = []
+    for cx in rq_contexts:
+        ab = cx.abstract_syntax
+        if ab and ab not in known and _is_storage_like(ab):
+            extra.append(build_context(ab, ACCEPTED_TRANSFER_SYNTAXES))
+            known.add(ab)
+    return negotiate_as_acceptor(rq_contexts, list(ac_contexts) + extra, roles)
+
+
+def configure_pynetdicom(temp_dir: Path) -> None:
+    """Set pynetdicom's process-wide options for the node (idempotent)."""
+    global _temp_dir
+    with _temp_dir_lock:
+        _temp_dir = temp_dir
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.UNRESTRICTED_STORAGE_SERVICE = True  # every C-STORE goes to the storage service
+    _config.LOG_REQUEST_IDENTIFIERS = False  # no patient data in logs
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+    _dimse_messages.NamedTemporaryFile = _spool_temp_file  # type: ignore[assignment]
+    _acse.negotiate_unrestricted = negotiate_storage  # type: ignore[assignment]
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------
+# configuration handed to every ingest process
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PeerEntry:
+    """A known peer (``[[peers]]``): who may associate, and from where."""
+
+    ae_title: str
+    host: str
+    port: int = 104
+
+
+@dataclass
+class ScpConfig:
+    """Everything an ingest process needs; plain data so it can cross a process boundary."""
+
+    ae_title: str = "PACS_AI"
+    spool: str = "var/spool"
+    peers: list[PeerEntry] = field(default_factory=list)
+    accept_unknown_callers: bool = True
+    max_associations: int = 16
+    max_pdu: int = 131072
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    journal_synchronous: str = "FULL"
+
+
+def _normalise_ip(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def resolve_peer_addresses(peers: list[PeerEntry]) -> dict[str, set[str]]:
+    """AE title -> the set of IP addresses it may call from."""
+    table: dict[str, set[str]] = {}
+    for peer in peers:
+        addresses = table.setdefault(peer.ae_title, set())
+        try:
+            infos = socket.getaddrinfo(peer.host, None, proto=socket.IPPROTO_TCP)
+            addresses.update(_normalise_ip(info[4][0]) for info in infos)
+        except OSError:
+            log.warning("peer %s: host %r does not resolve", peer.ae_title, peer.host)
+    return table
+
+
+def make_ssl_context(cfg: ScpConfig) -> ssl.SSLContext | None:
+    """DICOM TLS (PS3.15 B.1, BCP 195): TLS 1.2 or later; with ``tls_ca`` the
+    peer must present a certificate that CA signed (mutual TLS)."""
+    if not cfg.tls_cert:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
+    if cfg.tls_ca:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cfg.tls_ca)
+    return ctx
+
+
+# --------------------------------------------------------------------------
+# the handlers
+# --------------------------------------------------------------------------
+@dataclass
+class _AssocState:
+    assoc_id: str
+    calling_ae: str
+    called_ae: str
+    peer_host: str
+    peer_port: int
+    opened_at: float
+    instances: int = 0
+    failures: int = 0
+    journaled: bool = False
+
+
+def _ae_title(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip()
+
+
+def _comment(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ERROR_COMMENT else text[: MAX_ERROR_COMMENT - 3] + "..."
+
+
+class _StoreRefused(Exception):
+    """Internal: a C-STORE that must be answered with a failure status."""
+
+    def __init__(self, status: int, comment: str, study_key: str | None = None) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = _comment(comment)
+        self.study_key = study_key
+
+
+class IngestHandlers:
+    """Event handlers of one ingest process; never raise into pynetdicom."""
+
+    def __init__(self, cfg: ScpConfig, spool: Spool, journal: Journal) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.journal = journal
+        self.peer_addresses = resolve_peer_addresses(cfg.peers)
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_CONN_CLOSE, self.on_conn_close),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+        ]
+
+    # -- association control ------------------------------------------------
+    def _reject_reason(self, calling: str, called: str, host: str) -> tuple[int, int, int, str] | None:
+        if not self.cfg.accept_unknown_callers:
+            allowed = self.peer_addresses.get(calling)
+            if allowed is None:
+                return (
+                    statuses.REJECT_RESULT_PERMANENT,
+                    statuses.REJECT_SOURCE_SERVICE_USER,
+                    statuses.REJECT_REASON_CALLING_AE_NOT_RECOGNIZED,
+                    "calling-AE-title-not-recognized",
+                )
+            if _normalise_ip(host) not in allowed:
+                return (
+                    statuses.REJECT_RESULT_PERMANENT,
+                    statuses.REJECT_SOURCE_SERVICE_USER,
+                    statuses.REJECT_REASON_CALLING_AE_NOT_RECOGNIZED,
+                    "calling-AE-title-not-recognized (wrong address)",
+                )
+            if called != self.cfg.ae_title:
+                return (
+                    statuses.REJECT_RESULT_PERMANENT,
+                    statuses.REJECT_SOURCE_SERVICE_USER,
+                    statuses.REJECT_REASON_CALLED_AE_NOT_RECOGNIZED,
+                    "called-AE-title-not-recognized",
+                )
+        try:
+            busy = self.journal.open_association_count() >= self.cfg.max_associations
+        except Exception:
+            busy = False
+        if busy:
+            return (
+                statuses.REJECT_RESULT_TRANSIENT,
+                statuses.REJECT_SOURCE_SERVICE_PROVIDER_PRESENTATION,
+                statuses.REJECT_REASON_LOCAL_LIMIT_EXCEEDED,
+                "local-limit-exceeded",
+            )
+        return None
+
+    def on_requested(self, event: Any) -> None:
+        assoc = event.assoc
+        try:
+            rq = assoc.requestor.primitive
+            calling = _ae_title(rq.calling_ae_title)
+            called = _ae_title(rq.called_ae_title)
+            host, port = assoc.requestor.address, assoc.requestor.port
+            reason = self._reject_reason(calling, called, host)
+            if reason is not None:
+                assoc.acse.send_reject(*reason[:3])
+                audit.info(
+                    "association rejected calling_ae=%s called_ae=%s peer=%s:%s reason=%s",
+                    calling, called, host, port, reason[3],
+                )
+                return
+            assoc._pacs_ai = _AssocState(
+                assoc_id=uuid.uuid4().hex,
+                calling_ae=calling,
+                called_ae=called,
+                peer_host=_normalise_ip(host),
+                peer_port=int(port),
+                opened_at=time.time(),
+            )
+        except Exception:
+            log.exception("association request handling failed; rejecting")
+            try:
+                assoc.acse.send_reject(
+                    statuses.REJECT_RESULT_TRANSIENT,
+                    statuses.REJECT_SOURCE_SERVICE_USER,
+                    statuses.REJECT_REASON_NO_REASON,
+                )
+            except Exception:
+                assoc.abort()
+
+    def on_established(self, event: Any) -> None:
+        st: _AssocState | None = getattr(event.assoc, "_pacs_ai", None)
+        if st is None:
+            return
+        try:
+            self.journal.open_association(
+                st.assoc_id,
+                calling_ae=st.calling_ae,
+                called_ae=st.called_ae,
+                peer_host=st.peer_host,
+                peer_port=st.peer_port,
+            )
+            st.journaled = True
+        except Exception:
+            # Completion then relies on the idle timer alone for this
+            # association's studies; storage itself is unaffected.
+            log.exception("could not journal association %s", st.assoc_id)
+
+    def on_conn_close(self, event: Any) -> None:
+        assoc = event.assoc
+        st: _AssocState | None = getattr(assoc, "_pacs_ai", None)
+        if st is None:
+            return
+        assoc._pacs_ai = None
+        if assoc.is_released:
+            outcome = "released"
+        elif assoc.is_aborted:
+            outcome = "aborted"
+        else:
+            outcome = "closed"
+        if st.journaled:
+            try:
+                self.journal.close_association(st.assoc_id, outcome, st.failures)
+            except Exception:
+                log.exception("could not close association %s in the journal", st.assoc_id)
+        audit.info(
+            "association closed calling_ae=%s called_ae=%s peer=%s:%s outcome=%s "
+            "instances=%d failures=%d duration_s=%.3f",
+            st.calling_ae, st.called_ae, st.peer_host, st.peer_port, outcome,
+            st.instances, st.failures, time.time() - st.opened_at,
+        )
+
+    # -- DIMSE services -----------------------------------------------------
+    def on_echo(self, event: Any) -> int:
+        """C-ECHO (PS3.7 9.1.5): always Success while the node runs."""
+        return statuses.SUCCESS
+
+    def on_store(self, event: Any) -> Dataset:
+        """C-STORE (PS3.4 B.2.2): never raises; maps every outcome to a status."""
+        st: _AssocState | None = getattr(event.assoc, "_pacs_ai", None)
+        rsp = Dataset()
+        tmp: SpoolTempFile | None = getattr(event.request, "_dataset_file", None)
+        try:
+            key = self._store(event, tmp, st)
+            rsp.Status = statuses.SUCCESS
+            if st is not None:
+                st.instances += 1
+            log.debug("stored an instance of study %s", key, extra={"study_key": key})
+        except _StoreRefused as refused:
+            rsp.Status = refused.status
+            rsp.ErrorComment = refused.comment
+        except Exception as exc:  # a bug: answer, log, keep the association
+            log.exception("unexpected error while storing an instance")
+            rsp.Status = statuses.CANNOT_UNDERSTAND_PROCESSING
+            rsp.ErrorComment = _comment(f"internal error: {type(exc).__name__}")
+        if rsp.Status != statuses.SUCCESS:
+            if st is not None:
+                st.failures += 1
+            log.warning(
+                "C-STORE refused with 0x%04X (%s): %s",
+                rsp.Status,
+                statuses.STORE_STATUS_NAMES.get(rsp.Status, "failure"),
+                rsp.ErrorComment,
+            )
+        return rsp
+
+    def _store(self, event: Any, tmp: SpoolTempFile | None, st: _AssocState | None) -> str:
+        if tmp is None:
+            # Not received through the spool temp file (should not happen
+            # with configure_pynetdicom): write the encoded bytes ourselves.
+            tmp = self.spool.new_temp_file()
+            tmp.write(event.encoded_dataset())
+            event.request._dataset_file = tmp
+        tmp.fsync()
+        if tmp.error is not None:
+            raise _StoreRefused(
+                statuses.OUT_OF_RESOURCES,
+                f"not stored: {tmp.error.strerror or 'write error'}",
+            )
+        req = event.request
+        transfer_syntax = str(event.context.transfer_syntax)
+        try:
+            ds = dcmread(tmp.name, stop_before_pixels=True, specific_tags=_REQUIRED_TAGS)
+            values = {tag: ds.get(tag) for tag in _REQUIRED_TAGS}
+        except Exception as exc:
+            raise _StoreRefused(
+                statuses.CANNOT_UNDERSTAND_UNDECODABLE,
+                f"undecodable data set ({type(exc).__name__})",
+            ) from exc
+        try:
+            sop_class = validate_uid(values["SOPClassUID"], "SOP Class UID")
+            sop_uid = validate_uid(values["SOPInstanceUID"], "SOP Instance UID")
+            study_uid = validate_uid(values["StudyInstanceUID"], "Study Instance UID")
+            series_uid = validate_uid(values["SeriesInstanceUID"], "Series Instance UID")
+        except InvalidUID as exc:
+            raise _StoreRefused(statuses.CANNOT_UNDERSTAND_INVALID_UID, str(exc)) from exc
+        affected_sop = str(req.AffectedSOPInstanceUID or "").rstrip("\x00 ")
+        affected_class = str(req.AffectedSOPClassUID or "").rstrip("\x00 ")
+        if affected_sop != sop_uid:
+            raise _StoreRefused(
+                statuses.CANNOT_UNDERSTAND_UID_MISMATCH,
+                "SOP Instance UID differs from Affected SOP Instance UID",
+            )
+        if affected_class != sop_class:
+            raise _StoreRefused(
+                statuses.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOP Class UID differs from Affected SOP Class UID",
+            )
+        modality = str(values["Modality"] or "").strip()[:16] or None
+
+        key = self.journal.study_key(study_uid)
+        final = self.spool.instance_path(study_uid, series_uid, sop_uid)
+        if self.journal.instance(sop_uid) is not None:
+            self._duplicate(key, sop_uid, tmp)
+            return key
+        try:
+            placed = self.spool.commit(tmp.name, final)
+            if not placed:
+                if self.journal.instance(sop_uid) is not None:  # a concurrent duplicate
+                    self._duplicate(key, sop_uid, tmp)
+                    return key
+                # A file never journaled, so never acknowledged (a crash
+                # between link and journal): this copy replaces it.
+                self.spool.replace(tmp.name, final)
+        except SpoolError as exc:
+            raise _StoreRefused(statuses.OUT_OF_RESOURCES, f"not stored: {exc.strerror}", key) from exc
+        try:
+            result = self.journal.record_instance(
+                InstanceRecord(
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    sop_uid=sop_uid,
+                    sop_class_uid=sop_class,
+                    transfer_syntax=transfer_syntax,
+                    modality=modality,
+                    path=str(final.relative_to(self.spool.root)),
+                    size=tmp.size,
+                ),
+                calling_ae=st.calling_ae if st else None,
+                peer_host=st.peer_host if st else None,
+                assoc_id=st.assoc_id if st and st.journaled else None,
+            )
+        except (JournalError, OSError, Exception) as exc:
+            # The file is in place but not journaled: not acknowledged. A
+            # retry replaces it; a restart adopts it (Node.reconcile).
+            raise _StoreRefused(statuses.OUT_OF_RESOURCES, "journal write failed", key) from exc
+        if not result.new:
+            self._duplicate(key, sop_uid, tmp, already_placed=True)
+        return key
+
+    def _duplicate(self, key: str, sop_uid: str, tmp: SpoolTempFile, already_placed: bool = False) -> None:
+        """Same SOP Instance UID again: keep the first copy, answer Success
+        (DESIGN.md section 10); different content is a warning and counted."""
+        row = self.journal.instance(sop_uid)
+        conflict = False
+        if row is not None and not already_placed:
+            existing = self.spool.root / row["path"]
+            conflict = not _same_content(existing, Path(tmp.name))
+        try:
+            self.journal.count_duplicate(row["study_key"] if row else key, conflict=conflict)
+        except Exception:
+            log.exception("could not count a duplicate instance")
+        if conflict:
+            log.warning(
+                "study %s: an instance was received again with different content; "
+                "the first copy is kept",
+                key,
+                extra={"study_key": key},
+            )
+        else:
+            log.info("study %s: duplicate instance ignored", key, extra={"study_key": key})
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    try:
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                ba, bb = fa.read(1 << 20), fb.read(1 << 20)
+                if ba != bb:
+                    return False
+                if not ba:
+                    return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------
+# the server of one ingest process
+# --------------------------------------------------------------------------
+class SharedSocketAssociationServer(ThreadedAssociationServer):
+    """An association server that accepts on a listening socket it was given
+    (created by the node, shared by several ingest processes) instead of
+    binding its own."""
+
+    def __init__(self, listen_socket: socket.socket, *args: Any, **kwargs: Any) -> None:
+        self._listen_socket = listen_socket
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        self.socket.close()
+        self.socket = self._listen_socket
+        # Non-blocking: when several processes wake for one connection, the
+        # losers' accept() fails at once instead of blocking their loop.
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Already listening."""
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        client, address = self.socket.accept()
+        client.setblocking(True)
+        if self.ssl_context is not None:
+            # A peer that connects and never completes the handshake must
+            # not hold this accept loop forever.
+            client.settimeout(self.ae.acse_timeout or 30.0)
+            try:
+                client = self.ssl_context.wrap_socket(client, server_side=True)
+            except (OSError, ValueError) as exc:
+                audit.info(
+                    "association refused peer=%s:%s reason=tls-handshake-failed (%s)",
+                    address[0], address[1], getattr(exc, "reason", None) or type(exc).__name__,
+                )
+                client.close()
+                raise OSError("TLS handshake failed") from exc
+            client.settimeout(None)
+        return client, address
+
+
+def build_ae(cfg: ScpConfig) -> AE:
+    ae = AE(ae_title=cfg.ae_title)
+    ae.add_supported_context(Verification)
+    ae.maximum_associations = cfg.max_associations
+    ae.maximum_pdu_size = cfg.max_pdu
+    ae.acse_timeout = cfg.acse_timeout
+    ae.dimse_timeout = cfg.dimse_timeout
+    ae.network_timeout = cfg.network_timeout
+    # Peer checks happen in EVT_REQUESTED with the address in hand.
+    ae.require_called_aet = False
+    ae.require_calling_aet = []
+    return ae
+
+
+def make_server(cfg: ScpConfig, listen_socket: socket.socket, journal: Journal) -> SharedSocketAssociationServer:
+    """Build one ingest process's association server (call after fork/spawn)."""
+    spool = Spool(cfg.spool)
+    configure_pynetdicom(spool.tmp)
+    ae = build_ae(cfg)
+    handlers = IngestHandlers(cfg, spool, journal)
+    server = SharedSocketAssociationServer(
+        listen_socket,
+        ae,
+        listen_socket.getsockname(),
+        cfg.ae_title,
+        ae.supported_contexts,
+        make_ssl_context(cfg),
+        evt_handlers=handlers.handlers(),
+    )
+    ae._servers.append(server)
+    return server

@@ -1,0 +1,259 @@
+"""``pacs-ai``: the command line, and the composition root that wires
+``dicom_node`` (and later ``inference`` and the Celery queue) together.
+
+Every failure a user can cause (bad flag, bad config, unknown study) is one
+line on stderr and exit status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConfigError, UsageError
+from .settings import Settings, effective_toml, load_settings
+
+PROG = "pacs-ai"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+# -- helpers -------------------------------------------------------------------
+def _settings(args: argparse.Namespace) -> Settings:
+    node: dict[str, Any] = {}
+    for flag, key in (("port", "port"), ("ae_title", "ae_title"), ("spool", "spool")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            node[key] = value
+    return load_settings(getattr(args, "config", None), overrides={"node": node})
+
+
+def setup_logging(level: str = "INFO", spool: str | None = None) -> None:
+    """Human-readable lines on stderr and, with a spool, in spool/logs/."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    formatter = logging.Formatter(LOG_FORMAT)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(formatter)
+    root.addHandler(stream)
+    if spool:
+        logs = Path(spool) / "logs"
+        logs.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fh = logging.handlers.RotatingFileHandler(
+            logs / "pacs-ai.log", maxBytes=10 * 1024 * 1024, backupCount=5
+        )
+        fh.setFormatter(formatter)
+        root.addHandler(fh)
+        try:
+            os.chmod(logs / "pacs-ai.log", 0o600)
+        except OSError:
+            pass
+    root.setLevel(level.upper())
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def _open_journal(settings: Settings):  # -> Journal
+    from dicom_node.journal import Journal
+    from dicom_node.spool import Spool
+
+    spool = Spool(settings.node.spool)
+    if not spool.journal_path.exists():
+        raise UsageError(f"node.spool: no journal in {str(spool.root)!r} (has a node run there?)")
+    return Journal(spool.journal_path)
+
+
+def scp_config(settings: Settings):  # -> ScpConfig
+    from dicom_node.scp import PeerEntry, ScpConfig
+
+    n = settings.node
+    return ScpConfig(
+        ae_title=n.ae_title,
+        spool=n.spool,
+        peers=[PeerEntry(p.ae_title, p.host, p.port) for p in settings.peers],
+        accept_unknown_callers=n.accept_unknown_callers,
+        max_associations=n.max_associations,
+        max_pdu=n.max_pdu,
+        acse_timeout=n.acse_timeout,
+        dimse_timeout=n.dimse_timeout,
+        network_timeout=n.network_timeout,
+        tls_cert=n.tls_cert,
+        tls_key=n.tls_key,
+        tls_ca=n.tls_ca,
+    )
+
+
+def ingest_process_count(settings: Settings) -> int:
+    n = settings.node.ingest_processes
+    return n if n > 0 else max(1, min(4, os.cpu_count() or 1))
+
+
+# -- commands ------------------------------------------------------------------
+def cmd_node(args: argparse.Namespace) -> int:
+    import ssl
+
+    from dicom_node.node import Node
+    from dicom_node.scp import make_ssl_context
+
+    settings = _settings(args)
+    n = settings.node
+    cfg = scp_config(settings)
+    try:
+        make_ssl_context(cfg)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"node.tls_cert: cannot load the certificate, key or CA: {exc}") from None
+    try:
+        Path(n.spool).mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"node.spool: cannot create {n.spool!r}: {exc.strerror}") from None
+    setup_logging(n.log_level, n.spool)
+    node = Node(
+        cfg,
+        bind=n.bind,
+        port=n.port,
+        study_idle_timeout=n.study_idle_timeout,
+        study_max_wait=n.study_max_wait,
+        ingest_processes=ingest_process_count(settings),
+        shutdown_grace=n.shutdown_grace,
+    )
+    try:
+        node.start()
+    except OSError as exc:
+        print(f"{PROG}: error: node.port: cannot listen on {n.bind}:{n.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    node.wait()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    journal = _open_journal(settings)
+    now = time.time()
+    if args.study:
+        from dicom_node.journal import UnknownStudy
+
+        try:
+            study = journal.get(args.study)
+        except UnknownStudy:
+            raise UsageError(f"--study: no study with key {args.study!r}") from None
+        history = journal.history(args.study)
+        series = journal.series(args.study)
+        if args.json:
+            print(json.dumps({
+                "study": {k: v for k, v in study.__dict__.items()},
+                "series": series,
+                "history": [dict(h) for h in history],
+            }, indent=2))
+            return 0
+        print(f"study       {study.study_key}")
+        print(f"state       {study.state}" + (f" ({study.reason})" if study.reason else ""))
+        print(f"run         {study.run}   attempts {study.attempts}")
+        print(f"calling AE  {study.calling_ae or '-'} from {study.peer_host or '-'}")
+        print(f"instances   {study.instance_count} ({study.received_bytes / 1e6:.1f} MB), "
+              f"duplicates {study.duplicates} ({study.duplicate_conflicts} with other content)")
+        print(f"modalities  {','.join(study.modalities) or '-'}")
+        print(f"received    {_age(now - study.created_at)} ago, last instance "
+              f"{_age(now - (study.last_received_at or study.created_at))} ago")
+        print("series:")
+        for s in series:
+            print(f"  {s['modality'] or '-':<4} {s['instances']:>6} instances")
+        print("history:")
+        for h in history:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["at"]))
+            reason = f"  ({h['reason']})" if h["reason"] else ""
+            print(f"  {when}  run {h['run']}  {h['from_state'] or 'NEW':>10} -> {h['to_state']}{reason}")
+        return 0
+    studies = journal.studies(limit=args.limit)
+    if args.json:
+        print(json.dumps([s.__dict__ for s in studies], indent=2))
+        return 0
+    print(f"{'STUDY KEY':<17} {'STATE':<11} {'INSTANCES':>9}  {'CALLING AE':<16} {'MOD':<8} {'AGE':>5}")
+    for s in studies:
+        print(f"{s.study_key:<17} {s.state:<11} {s.instance_count:>9}  {(s.calling_ae or '-'):<16} "
+              f"{(','.join(s.modalities) or '-')[:8]:<8} {_age(now - s.created_at):>5}")
+    if not studies:
+        print("(no studies yet)")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = load_settings(args.file)
+    print(effective_toml(settings), end="")
+    return 0
+
+
+# -- parser --------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, overrides: bool = True) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    if overrides:
+        p.add_argument("--port", type=int, help="override node.port")
+        p.add_argument("--ae-title", dest="ae_title", help="override node.ae_title")
+    p.add_argument("--spool", metavar="DIR", help="override node.spool")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="pacs-ai: a DICOM node that runs AI models on studies")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("node", help="run the DICOM node (C-STORE/C-ECHO SCP, journal, completion)")
+    _common(p)
+    p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("status", help="list studies in the journal, or one study's history")
+    _common(p, overrides=False)
+    p.add_argument("--study", metavar="KEY", help="show one study: series and state history")
+    p.add_argument("--limit", type=int, default=50, help="how many recent studies (default 50)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("check-config", help="validate a config file and print the effective settings")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=cmd_check_config)
+
+    try:  # TODO(remove guard once send_cmd lands)
+        from . import send_cmd
+    except ImportError:
+        send_cmd = None
+    if send_cmd is not None:
+        send_cmd.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
