@@ -35,10 +35,12 @@ import ssl
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -71,6 +73,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from . import statuses
 from .journal import InstanceRecord, Journal, JournalError
 from .spool import Spool, SpoolError, SpoolTempFile
+from .structure import Undecodable, check_structure, dataset_offset
 from .uids import InvalidUID, validate_uid
 
 log = logging.getLogger(__name__)
@@ -167,6 +170,11 @@ def configure_pynetdicom(temp_dir: Path) -> None:
     _config.LOG_REQUEST_IDENTIFIERS = False  # no patient data in logs
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
+    # pydicom's warnings about bad values quote the values, which may be a
+    # patient's name: the node reports bad data by status, never by value.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
     _dimse_messages.NamedTemporaryFile = _spool_temp_file  # type: ignore[assignment]
     _acse.negotiate_unrestricted = negotiate_storage  # type: ignore[assignment]
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -459,6 +467,11 @@ class IngestHandlers:
         req = event.request
         transfer_syntax = str(event.context.transfer_syntax)
         try:
+            with open(tmp.name, "rb") as fp:
+                check_structure(fp, dataset_offset(fp), transfer_syntax)
+        except Undecodable as exc:
+            raise _StoreRefused(statuses.CANNOT_UNDERSTAND_UNDECODABLE, f"undecodable: {exc}") from exc
+        try:
             ds = dcmread(tmp.name, stop_before_pixels=True, specific_tags=_REQUIRED_TAGS)
             values = {tag: ds.get(tag) for tag in _REQUIRED_TAGS}
         except Exception as exc:
@@ -589,24 +602,28 @@ class SharedSocketAssociationServer(ThreadedAssociationServer):
         """Already listening."""
 
     def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept only; the TLS handshake happens in the connection's own
+        thread (:meth:`process_request_thread`), so a peer that connects and
+        stays silent cannot hold up anybody else's association."""
         client, address = self.socket.accept()
         client.setblocking(True)
-        if self.ssl_context is not None:
-            # A peer that connects and never completes the handshake must
-            # not hold this accept loop forever.
-            client.settimeout(self.ae.acse_timeout or 30.0)
-            try:
-                client = self.ssl_context.wrap_socket(client, server_side=True)
-            except (OSError, ValueError) as exc:
-                audit.info(
-                    "association refused peer=%s:%s reason=tls-handshake-failed (%s)",
-                    address[0], address[1], getattr(exc, "reason", None) or type(exc).__name__,
-                )
-                client.close()
-                raise OSError("TLS handshake failed") from exc
-            client.settimeout(None)
         return client, address
 
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is not None:
+            request.settimeout(self.ae.acse_timeout or 30.0)
+            try:
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+            except (OSError, ValueError) as exc:
+                reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+                audit.info(
+                    "association refused peer=%s:%s reason=tls-handshake-failed (%s)",
+                    client_address[0], client_address[1], reason or type(exc).__name__,
+                )
+                self.shutdown_request(request)
+                return
+            request.settimeout(None)
+        super().process_request_thread(request, client_address)
 
 def build_ae(cfg: ScpConfig) -> AE:
     ae = AE(ae_title=cfg.ae_title)

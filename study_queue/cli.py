@@ -113,19 +113,40 @@ def ingest_process_count(settings: Settings) -> int:
 
 
 # -- commands ------------------------------------------------------------------
-def cmd_node(args: argparse.Namespace) -> int:
+def check_tls(settings: Settings) -> None:
+    """Load the TLS files one by one so an error names the one that is bad."""
     import ssl
 
-    from dicom_node.node import Node
     from dicom_node.scp import make_ssl_context
+
+    n = settings.node
+    if not n.tls_cert:
+        return
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        probe.load_verify_locations(cafile=n.tls_cert)  # parses the PEM certificate(s)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"node.tls_cert: {n.tls_cert!r} is not a PEM certificate ({exc})") from None
+    try:
+        probe.load_cert_chain(n.tls_cert, n.tls_key or None)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        key = "node.tls_key" if n.tls_key else "node.tls_cert"
+        raise ConfigError(f"{key}: the private key does not load or does not match the certificate ({exc})") from None
+    if n.tls_ca:
+        try:
+            probe.load_verify_locations(cafile=n.tls_ca)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"node.tls_ca: {n.tls_ca!r} is not a PEM CA certificate ({exc})") from None
+    make_ssl_context(scp_config(settings))
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from dicom_node.node import Node
 
     settings = _settings(args)
     n = settings.node
     cfg = scp_config(settings)
-    try:
-        make_ssl_context(cfg)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"node.tls_cert: cannot load the certificate, key or CA: {exc}") from None
+    check_tls(settings)
     try:
         Path(n.spool).mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
@@ -201,7 +222,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = load_settings(args.file)
+    settings = load_settings(args.file, path_name="FILE")
+    check_tls(settings)
     print(effective_toml(settings), end="")
     return 0
 

@@ -9,6 +9,7 @@ the process with one line naming the key and the rule (:class:`ConfigError`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -193,7 +194,7 @@ def _check_port(where: str, value: int, allow_zero: bool = False) -> None:
 
 
 def _check_positive(where: str, value: float) -> None:
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{where}: must be greater than 0, got {value}")
 
 
@@ -260,6 +261,7 @@ def load_settings(
     path: str | Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    path_name: str = "--config",
 ) -> Settings:
     """Defaults, then the TOML file, then ``PACS_AI_*`` variables, then overrides."""
     s = Settings()
@@ -268,11 +270,11 @@ def load_settings(
             with open(path, "rb") as f:
                 data = tomllib.load(f)
         except FileNotFoundError:
-            raise ConfigError(f"--config: file {str(path)!r} does not exist") from None
+            raise ConfigError(f"{path_name}: file {str(path)!r} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         except OSError as exc:
-            raise ConfigError(f"--config: cannot read {str(path)!r}: {exc.strerror}") from None
+            raise ConfigError(f"{path_name}: cannot read {str(path)!r}: {exc.strerror}") from None
         for section, values in data.items():
             if section == "peers":
                 s.peers = _parse_peers(values)
@@ -305,11 +307,14 @@ def _mask(key: str, value: Any) -> Any:
     if key in SECRET_KEYS or key.endswith("_password") or key.endswith("_token"):
         if "://" in value:  # keep the scheme and host of a URL, hide its credentials
             scheme, _, rest = value.partition("://")
-            if "@" in rest:
-                return f"{scheme}://***@{rest.split('@', 1)[1]}"
+            if "@" in rest:  # the password may itself hold "@": the host follows the last one
+                return f"{scheme}://***@{rest.rpartition('@')[2]}"
             return value
         return "***"
     return value
+
+
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
 
 def _toml_value(value: Any) -> str:
@@ -319,8 +324,15 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    out = []
+    for ch in str(value):
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def effective_toml(s: Settings) -> str:

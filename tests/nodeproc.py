@@ -1,0 +1,148 @@
+"""Run ``pacs-ai node`` as a real process for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from .conftest import free_port
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_config(path: Path, node: dict[str, Any], peers: list[dict[str, Any]] | None = None) -> Path:
+    lines = ["[node]"] + [f"{k} = {toml_value(v)}" for k, v in node.items()]
+    for peer in peers or []:
+        lines += ["", "[[peers]]"] + [f"{k} = {toml_value(v)}" for k, v in peer.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class NodeProcess:
+    """A ``pacs-ai node`` subprocess with its own spool and port."""
+
+    def __init__(self, workdir: Path, port: int | None = None, peers: list[dict[str, Any]] | None = None, **node: Any) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.spool = workdir / "spool"
+        self.node = {
+            "ae_title": "PACS_AI",
+            "bind": "127.0.0.1",
+            "port": self.port,
+            "spool": str(self.spool),
+            "study_idle_timeout": 1.0,
+            "ingest_processes": 1,
+            "shutdown_grace": 3.0,
+            **node,
+        }
+        self.config = write_config(workdir / "node.toml", self.node, peers)
+        self.stderr_path = workdir / "node.stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.preexec_fn = None
+
+    def start(self, timeout: float = 20.0) -> "NodeProcess":
+        self._stderr = open(self.stderr_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "study_queue.cli", "node", "--config", str(self.config)],
+            stdout=self._stderr,
+            stderr=self._stderr,
+            cwd=self.workdir,
+            preexec_fn=self.preexec_fn,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
+            if self._echo_ok():
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("node did not come up: " + self.log_text()[-2000:])
+
+    def _echo_ok(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                pass
+        except OSError:
+            return False
+        ae = AE(ae_title="PROBE")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", self.port, ae_title=self.node["ae_title"])
+        if not assoc.is_established:
+            return False
+        status = assoc.send_c_echo()
+        assoc.release()
+        return bool(status) and status.Status == 0
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._stderr.close()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self._stderr.close()
+        self.proc = None
+
+    def status(self, study: str | None = None) -> Any:
+        cmd = [sys.executable, "-m", "study_queue.cli", "status", "--config", str(self.config), "--json"]
+        if study:
+            cmd += ["--study", study]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=self.workdir, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def wait_for_state(self, state: str, count: int = 1, timeout: float = 20.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        studies: list[dict] = []
+        while time.monotonic() < deadline:
+            studies = [s for s in self.status() if s["state"] == state]
+            if len(studies) >= count:
+                return studies
+            time.sleep(0.2)
+        raise AssertionError(f"expected {count} {state} studies, journal has {self.status()}")
+
+    def log_text(self) -> str:
+        text = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+        log_file = self.spool / "logs" / "pacs-ai.log"
+        if log_file.exists():
+            text += "\n" + log_file.read_text(errors="replace")
+        return text
+
+    def stored_files(self) -> list[Path]:
+        return sorted(p for p in self.spool.rglob("*.dcm") if p.relative_to(self.spool).parts[0] != "tmp")
+
+    def __enter__(self) -> "NodeProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
