@@ -350,11 +350,15 @@ class IngestHandlers:
             host, port = assoc.requestor.address, assoc.requestor.port
             reason = self._reject_reason(calling, called, host)
             if reason is not None:
-                assoc.acse.send_reject(*reason[:3])
                 audit.info(
                     "association rejected calling_ae=%s called_ae=%s peer=%s:%s reason=%s",
                     calling, called, host, port, reason[3],
                 )
+                assoc.acse.send_reject(*reason[:3])
+                # As pynetdicom's own rejections do: wait until the DUL has
+                # sent the A-ASSOCIATE-RJ and the peer closed, or the socket
+                # would be shut before the reject goes out.
+                assoc.kill()
                 return
             assoc._pacs_ai = _AssocState(
                 assoc_id=uuid.uuid4().hex,
@@ -403,6 +407,8 @@ class IngestHandlers:
             outcome = "released"
         elif assoc.is_aborted:
             outcome = "aborted"
+        elif assoc.is_rejected:
+            outcome = "rejected"
         else:
             outcome = "closed"
         if st.journaled:
@@ -628,7 +634,10 @@ class SharedSocketAssociationServer(ThreadedAssociationServer):
 def build_ae(cfg: ScpConfig) -> AE:
     ae = AE(ae_title=cfg.ae_title)
     ae.add_supported_context(Verification)
-    ae.maximum_associations = cfg.max_associations
+    # node.max_associations is enforced in EVT_REQUESTED from the journal
+    # (all ingest processes together). pynetdicom's own count includes
+    # threads of associations that have already ended, so it only backs ours up.
+    ae.maximum_associations = cfg.max_associations * 2 + 8
     ae.maximum_pdu_size = cfg.max_pdu
     ae.acse_timeout = cfg.acse_timeout
     ae.dimse_timeout = cfg.dimse_timeout

@@ -85,6 +85,8 @@ class NodeProcess:
         ae = AE(ae_title="PROBE")
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", self.port, ae_title=self.node["ae_title"])
+        if assoc.is_rejected:
+            return True  # a node that restricts its callers is up and answering
         if not assoc.is_established:
             return False
         status = assoc.send_c_echo()
