@@ -399,6 +399,11 @@ class IngestHandlers:
 
     def on_conn_close(self, event: Any) -> None:
         assoc = event.assoc
+        # A data set cut off by an abort or a dropped connection: its partial
+        # temp file goes now, not at the next garbage collection.
+        partial = getattr(getattr(assoc.dimse, "message", None), "_data_set_file", None)
+        if isinstance(partial, SpoolTempFile):
+            partial.discard()
         st: _AssocState | None = getattr(assoc, "_pacs_ai", None)
         if st is None:
             return

@@ -112,6 +112,15 @@ class SpoolTempFile:
         except FileNotFoundError:
             pass
 
+    def __del__(self) -> None:
+        # An association aborted mid-data set drops the message holding this
+        # file: release the descriptor and the partial file. A committed
+        # instance lives on under its own link in the study folder.
+        try:
+            self.discard()
+        except Exception:
+            pass
+
     def __enter__(self) -> "SpoolTempFile":
         return self
 

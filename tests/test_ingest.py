@@ -4,7 +4,9 @@ negotiation, and no patient data in the logs."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from io import BytesIO
 import subprocess
 import threading
 import time
@@ -328,3 +330,57 @@ def test_disk_full_answers_out_of_resources_and_recovers(small_tmpfs, tmp_path):
         assert sorted(p.stem for p in n.stored_files()) == sorted([first.SOPInstanceUID, second.SOPInstanceUID])
     finally:
         n.stop()
+
+
+def test_abort_mid_data_set_leaves_no_partial_file_and_no_open_descriptor(node):
+    """A sender that aborts halfway through a large instance: nothing in the
+    spool, no file descriptor kept open, and the node serves the next one."""
+    import socket
+
+    from pynetdicom.dimse_primitives import C_STORE
+
+    def open_fds(pid: int) -> int:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+
+    study_uid = generate_uid()
+    assoc = associate(node, contexts=((CTImageStorage, [ExplicitVRLittleEndian]),))
+    big = ct_dataset(study_uid, index=0, size=1024)
+    payload = encoded(big)
+    before = open_fds(node.proc.pid)
+    cx = assoc.accepted_contexts[0]
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = big.SOPInstanceUID
+    req.Priority = 2
+    req.DataSet = BytesIO(payload)
+    # Send the command and only part of the data set, then abort.
+    sent = 0
+    for primitive in req_fragments(req, cx.context_id, assoc.acceptor.maximum_length):
+        assoc.dul.send_pdu(primitive)
+        sent += 1
+        if sent == 6:
+            break
+    time.sleep(0.5)
+    tmp_files = list((node.spool / "tmp").iterdir())
+    assert tmp_files, "the partial data set should be arriving in spool/tmp"
+    assoc.abort()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and list((node.spool / "tmp").iterdir()):
+        time.sleep(0.05)
+    assert not list((node.spool / "tmp").iterdir()), "partial file left behind"
+    assert node.stored_files() == []
+    time.sleep(0.3)
+    assert open_fds(node.proc.pid) <= before, "a file descriptor leaked"
+    again = associate(node)
+    assert again.send_c_store(ct_dataset(study_uid, index=1)).Status == statuses.SUCCESS
+    again.release()
+
+
+def req_fragments(req, context_id: int, max_pdu: int):
+    """The P-DATA primitives pynetdicom would send for ``req``."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    yield from msg.encode_msg(context_id, max_pdu)
