@@ -19,6 +19,7 @@ the one function that performs a move, records it in ``history`` and logs it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -224,13 +225,24 @@ class RecordResult:
     reopened: bool  # True: a late instance reopened the study
 
 
+def _locked(method: Any) -> Any:
+    @functools.wraps(method)
+    def wrapper(self: "Journal", *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Journal:
-    """Thread-safe access to the journal database (one connection per thread)."""
+    """Thread-safe access to the journal database (one connection per process)."""
 
     def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
         self.synchronous = synchronous
-        self._local = threading.local()
+        self._lock = threading.RLock()
+        self._connection: sqlite3.Connection | None = None
+        self._pid = 0
         conn = self._conn()
         conn.executescript(SCHEMA)
         salt = self._meta("study_key_salt")
@@ -242,6 +254,7 @@ class Journal:
                 )
             salt = self._meta("study_key_salt")
         self._salt = bytes.fromhex(salt or "")
+        self._keys: dict[str, str] = {}
         try:
             os.chmod(self.path, 0o600)
         except OSError:
@@ -249,22 +262,22 @@ class Journal:
 
     # -- connections -------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        """The process's one connection (opened again after a fork). Callers
+        hold ``self._lock``: association threads come and go by the hundred,
+        and a connection per thread would cost file descriptors each time."""
+        if self._connection is None or self._pid != os.getpid():
+            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            conn.execute("PRAGMA foreign_keys=OFF")
-            self._local.conn = conn
-            self._local.pid = os.getpid()
-        return conn
+            self._connection, self._pid = conn, os.getpid()
+        return self._connection
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            conn.close()
-        self._local.conn = None
+        with self._lock:
+            if self._connection is not None and self._pid == os.getpid():
+                self._connection.close()
+            self._connection = None
 
     class _write:
         """``BEGIN IMMEDIATE ... COMMIT``: one writer at a time, no upgrade deadlock."""
@@ -282,12 +295,27 @@ class Journal:
             else:
                 self.conn.execute("ROLLBACK")
 
+    @_locked
     def _meta(self, key: str) -> str | None:
         row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
+    @_locked
+    def set_meta(self, key: str, value: str) -> None:
+        conn = self._conn()
+        with self._write(conn):
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def meta(self, key: str) -> str | None:
+        return self._meta(key)
+
     def study_key(self, study_uid: str) -> str:
-        return make_study_key(study_uid, self._salt)
+        key = self._keys.get(study_uid)
+        if key is None:
+            if len(self._keys) > 4096:
+                self._keys.clear()
+            key = self._keys[study_uid] = make_study_key(study_uid, self._salt)
+        return key
 
     # -- studies -----------------------------------------------------------
     def _transition(
@@ -316,6 +344,7 @@ class Journal:
             extra={"study_key": key},
         )
 
+    @_locked
     def transition(
         self,
         key: str,
@@ -381,6 +410,7 @@ class Journal:
             (RECEIVING, run + 1, now, now, *extra.values(), key),
         )
 
+    @_locked
     def record_instance(
         self,
         rec: InstanceRecord,
@@ -445,11 +475,13 @@ class Journal:
                 )
         return RecordResult(key, new=True, reopened=reopened)
 
+    @_locked
     def instance(self, sop_uid: str) -> sqlite3.Row | None:
         return self._conn().execute(
             "SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,)
         ).fetchone()
 
+    @_locked
     def count_duplicate(self, study_key: str, *, conflict: bool) -> None:
         conn = self._conn()
         with self._write(conn):
@@ -459,12 +491,14 @@ class Journal:
                 (1 if conflict else 0, study_key),
             )
 
+    @_locked
     def get(self, key: str) -> Study:
         row = self._conn().execute("SELECT * FROM studies WHERE study_key = ?", (key,)).fetchone()
         if row is None:
             raise UnknownStudy(f"no study {key}")
         return Study.from_row(row)
 
+    @_locked
     def studies(self, states: Iterable[str] | None = None, limit: int | None = None) -> list[Study]:
         sql = "SELECT * FROM studies"
         params: list[Any] = []
@@ -478,11 +512,13 @@ class Journal:
             params.append(limit)
         return [Study.from_row(r) for r in self._conn().execute(sql, params)]
 
+    @_locked
     def history(self, key: str) -> list[sqlite3.Row]:
         return self._conn().execute(
             "SELECT * FROM history WHERE study_key = ? ORDER BY id", (key,)
         ).fetchall()
 
+    @_locked
     def series(self, key: str) -> list[dict[str, Any]]:
         """Series of a study with their instance counts and modality."""
         rows = self._conn().execute(
@@ -493,6 +529,7 @@ class Journal:
         return [dict(r) for r in rows]
 
     # -- associations ------------------------------------------------------
+    @_locked
     def open_association(
         self,
         assoc_id: str,
@@ -510,6 +547,7 @@ class Journal:
                 (assoc_id, os.getpid(), calling_ae, called_ae, peer_host, peer_port, time.time()),
             )
 
+    @_locked
     def close_association(self, assoc_id: str, outcome: str, failures: int = 0) -> int:
         """Close an association; returns the number of instances it stored."""
         conn = self._conn()
@@ -524,6 +562,7 @@ class Journal:
             ).fetchone()
         return row[0] if row else 0
 
+    @_locked
     def close_stale_associations(self, outcome: str, pid: int | None = None) -> int:
         """Close associations left open by a dead process (all of them when
         ``pid`` is None, as at start)."""
@@ -536,11 +575,13 @@ class Journal:
                 params.append(pid)
             return conn.execute(sql, params).rowcount
 
+    @_locked
     def open_association_count(self) -> int:
         return self._conn().execute(
             "SELECT COUNT(*) FROM associations WHERE closed_at IS NULL"
         ).fetchone()[0]
 
+    @_locked
     def receiving_studies(self) -> list[tuple[Study, int]]:
         """Every RECEIVING study with the number of open associations that
         sent instances of it (the completion tracker's poll)."""
@@ -557,5 +598,6 @@ class Journal:
             out.append((Study.from_row(d), n))  # type: ignore[arg-type]
         return out
 
+    @_locked
     def known_paths(self) -> set[str]:
         return {r[0] for r in self._conn().execute("SELECT path FROM instances")}

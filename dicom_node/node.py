@@ -24,6 +24,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,17 @@ _CLEAN_SHUTDOWN = "clean_shutdown"
 
 
 def _ingest_process_main(
-    cfg: ScpConfig, listen_socket: socket.socket, log_queue: Any, log_level: int, shutdown_grace: float
+    cfg: ScpConfig,
+    channel: socket.socket,
+    address: Any,
+    log_queue: Any,
+    log_level: int,
+    shutdown_grace: float,
 ) -> None:
-    """Entry point of a child ingest process: its log records go to the
-    node's handlers through ``log_queue``."""
+    """Entry point of a child ingest process: it serves the connections the
+    node passes over ``channel`` and exits when the node closes it (the node
+    died: no orphan keeps serving) or sends SIGTERM. Its log records go to
+    the node's handlers through ``log_queue``."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -53,15 +61,10 @@ def _ingest_process_main(
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node coordinates shutdown
     journal = Journal(Spool(cfg.spool).journal_path, synchronous=cfg.journal_synchronous)
-    server = make_server(cfg, listen_socket, journal)
-    stopping = threading.Event()
-
-    def on_term(_signo: int, _frame: Any) -> None:
-        stopping.set()
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_term)
-    server.serve_forever(poll_interval=0.2)
+    server = make_server(cfg, journal, address)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signo, _frame: stop.set())
+    server.serve_channel(channel, stop)
     _drain(server, grace=shutdown_grace)
 
 
@@ -72,6 +75,16 @@ def _drain(server: Any, grace: float) -> None:
         time.sleep(0.1)
     for assoc in server.active_associations:
         assoc.abort()
+
+
+@dataclass
+class _Child:
+    """An ingest process, its end of the connection channel, and how many
+    connections it holds."""
+
+    proc: Any
+    channel: socket.socket
+    active: int = 0
 
 
 class Node:
@@ -107,7 +120,9 @@ class Node:
         self._socket: socket.socket | None = None
         self._server: Any = None
         self._server_thread: threading.Thread | None = None
-        self._children: list[multiprocessing.process.BaseProcess] = []
+        self._children: list[_Child] = []
+        self._children_lock = threading.Lock()
+        self._dispatcher: threading.Thread | None = None
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._log_queue: Any = None
@@ -118,18 +133,13 @@ class Node:
         closed = self.journal.close_stale_associations("node-restart")
         if closed:
             log.info("closed %d association(s) left open by an earlier run", closed)
-        clean = self.journal._meta(_CLEAN_SHUTDOWN)
+        clean = self.journal.meta(_CLEAN_SHUTDOWN)
         if clean != "1":
             self.reconcile()
         self._set_clean(False)
 
     def _set_clean(self, clean: bool) -> None:
-        conn = self.journal._conn()
-        with self.journal._write(conn):
-            conn.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                (_CLEAN_SHUTDOWN, "1" if clean else "0"),
-            )
+        self.journal.set_meta(_CLEAN_SHUTDOWN, "1" if clean else "0")
 
     def reconcile(self) -> int:
         """Journal spool files a crash left unjournaled (they were never
@@ -180,8 +190,9 @@ class Node:
         sock.listen(128)
         self._socket = sock
         self.port = sock.getsockname()[1]
+        address = sock.getsockname()
         if self.ingest_processes == 1:
-            self._server = make_server(self.cfg, sock, self.journal)
+            self._server = make_server(self.cfg, self.journal, address, listen_socket=sock)
             self._server_thread = threading.Thread(
                 target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                 name="ingest", daemon=True,
@@ -189,9 +200,10 @@ class Node:
             self._server_thread.start()
         else:
             configure_pynetdicom(self.spool.tmp)
-            for _ in range(self.ingest_processes):
-                self._children.append(self._spawn())
-            self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+            self._children = [self._spawn(address) for _ in range(self.ingest_processes)]
+            self._dispatcher = threading.Thread(target=self._dispatch, name="dispatch", daemon=True)
+            self._dispatcher.start()
+            self._supervisor = threading.Thread(target=self._supervise, args=(address,), name="supervisor", daemon=True)
             self._supervisor.start()
         self.tracker.start()
         log.info(
@@ -202,7 +214,7 @@ class Node:
             self.spool.root,
         )
 
-    def _spawn(self) -> multiprocessing.process.BaseProcess:
+    def _spawn(self, address: Any) -> "_Child":
         ctx = multiprocessing.get_context("spawn")
         if self._log_queue is None:
             self._log_queue = ctx.Queue()
@@ -210,26 +222,74 @@ class Node:
                 self._log_queue, *logging.getLogger().handlers
             )
             self._log_listener.start()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         proc = ctx.Process(
             target=_ingest_process_main,
-            args=(self.cfg, self._socket, self._log_queue, logging.getLogger().level, self.shutdown_grace),
+            args=(self.cfg, theirs, address, self._log_queue, logging.getLogger().level, self.shutdown_grace),
             name="pacs-ai-ingest",
             daemon=True,
         )
         proc.start()
-        return proc
+        theirs.close()
+        ours.setblocking(False)
+        return _Child(proc, ours)
 
-    def _supervise(self) -> None:
-        while not self._stopping.wait(0.5):
-            for i, proc in enumerate(self._children):
-                if proc.is_alive() or self._stopping.is_set():
-                    continue
-                log.error("ingest process %s exited with %s; starting another", proc.pid, proc.exitcode)
+    def _dispatch(self) -> None:
+        """Accept every connection and pass it to the least busy ingest
+        process (connections it has been given and not yet finished)."""
+        assert self._socket is not None
+        self._socket.settimeout(0.5)
+        while not self._stopping.is_set():
+            self._collect_finished()
+            try:
+                conn, addr = self._socket.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            self._collect_finished()
+            with self._children_lock:
+                alive = [c for c in self._children if c.proc.is_alive()]
+                child = min(alive, key=lambda c: c.active) if alive else None
+                if child is not None:
+                    try:
+                        socket.send_fds(child.channel, [f"{addr[0]},{addr[1]}".encode()], [conn.fileno()])
+                        child.active += 1
+                    except OSError:
+                        log.warning("could not pass a connection to ingest process %s", child.proc.pid)
+            conn.close()
+
+    def _collect_finished(self) -> None:
+        with self._children_lock:
+            for child in self._children:
                 try:
-                    self.journal.close_stale_associations("ingest-process-died", pid=proc.pid)
-                except Exception:
-                    log.exception("could not close the dead process's associations")
-                self._children[i] = self._spawn()
+                    while True:
+                        data = child.channel.recv(64)
+                        if not data:
+                            break
+                        child.active = max(0, child.active - len(data))
+                except (BlockingIOError, OSError):
+                    pass
+
+    def _supervise(self, address: Any) -> None:
+        while not self._stopping.wait(0.5):
+            with self._children_lock:
+                for i, child in enumerate(self._children):
+                    if child.proc.is_alive() or self._stopping.is_set():
+                        continue
+                    log.error(
+                        "ingest process %s exited with %s; starting another",
+                        child.proc.pid, child.proc.exitcode,
+                    )
+                    try:
+                        self.journal.close_stale_associations("ingest-process-died", pid=child.proc.pid)
+                    except Exception:
+                        log.exception("could not close the dead process's associations")
+                    child.channel.close()
+                    self._children[i] = self._spawn(address)
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let open associations finish, stop the tracker."""
@@ -238,21 +298,22 @@ class Node:
         self._stopping.set()
         grace = self.shutdown_grace if grace is None else grace
         if self._server is not None:
-            self._server.shutdown_requested = True
-            # BaseServer.shutdown() stops serve_forever; don't close the
-            # socket the children might still share until they are gone.
             import socketserver
 
+            # Stops serve_forever; the listening socket is closed below.
             socketserver.BaseServer.shutdown(self._server)
             _drain(self._server, grace)
-        for proc in self._children:
-            if proc.is_alive() and proc.pid:
-                os.kill(proc.pid, signal.SIGTERM)
-        for proc in self._children:
-            proc.join(grace + 5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+        if self._dispatcher is not None:
+            self._dispatcher.join(2)
+        for child in self._children:
+            if child.proc.is_alive() and child.proc.pid:
+                os.kill(child.proc.pid, signal.SIGTERM)
+        for child in self._children:
+            child.proc.join(grace + 5)
+            if child.proc.is_alive():
+                child.proc.kill()
+                child.proc.join(5)
+            child.channel.close()
         if self._supervisor is not None:
             self._supervisor.join(2)
         if self._socket is not None:

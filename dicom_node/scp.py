@@ -17,6 +17,9 @@ Two deliberate adaptations of pynetdicom 3.0, both installed by
   lands on the spool's file system (so it is *linked*, never copied), holds
   no more than one PDU in memory, and a disk-full error is remembered instead
   of raised in the DUL thread (where it would abort the association).
+* **Hand-encoded C-STORE responses and File Meta** (:mod:`dicom_node.fastpath`):
+  the benchmark profile showed pynetdicom spending a fifth of the node's CPU
+  building those through pydicom Datasets.
 * **Storage negotiation.** Any storage, private or unknown SOP class is
   accepted (unknown classes are stored as received, PS3.4 B.4.1 permits a
   Level 2 SCP to do so), but only with the transfer syntaxes in
@@ -41,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import config as pydicom_config
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
@@ -70,10 +72,10 @@ from pynetdicom.sop_class import Verification, uid_to_service_class
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.transport import ThreadedAssociationServer
 
-from . import statuses
+from . import fastpath, statuses
 from .journal import InstanceRecord, Journal, JournalError
 from .spool import Spool, SpoolError, SpoolTempFile
-from .structure import Undecodable, check_structure, dataset_offset
+from .structure import Undecodable, scan_file
 from .uids import InvalidUID, validate_uid
 
 log = logging.getLogger(__name__)
@@ -98,14 +100,6 @@ ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
     HTJ2KLosslessRPCL,
     HTJ2K,
     RLELossless,
-]
-
-_REQUIRED_TAGS = [
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "Modality",
 ]
 
 #: ErrorComment is LO: at most 64 characters (PS3.7 C.4.2.1.4, PS3.5 6.2).
@@ -177,6 +171,7 @@ def configure_pynetdicom(temp_dir: Path) -> None:
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
     _dimse_messages.NamedTemporaryFile = _spool_temp_file  # type: ignore[assignment]
     _acse.negotiate_unrestricted = negotiate_storage  # type: ignore[assignment]
+    fastpath.install()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
@@ -479,22 +474,16 @@ class IngestHandlers:
         transfer_syntax = str(event.context.transfer_syntax)
         try:
             with open(tmp.name, "rb") as fp:
-                check_structure(fp, dataset_offset(fp), transfer_syntax)
+                values = scan_file(fp, transfer_syntax)
         except Undecodable as exc:
             raise _StoreRefused(statuses.CANNOT_UNDERSTAND_UNDECODABLE, f"undecodable: {exc}") from exc
+        except (OSError, ValueError) as exc:
+            raise _StoreRefused(statuses.OUT_OF_RESOURCES, f"not stored: cannot read back ({exc})") from exc
         try:
-            ds = dcmread(tmp.name, stop_before_pixels=True, specific_tags=_REQUIRED_TAGS)
-            values = {tag: ds.get(tag) for tag in _REQUIRED_TAGS}
-        except Exception as exc:
-            raise _StoreRefused(
-                statuses.CANNOT_UNDERSTAND_UNDECODABLE,
-                f"undecodable data set ({type(exc).__name__})",
-            ) from exc
-        try:
-            sop_class = validate_uid(values["SOPClassUID"], "SOP Class UID")
-            sop_uid = validate_uid(values["SOPInstanceUID"], "SOP Instance UID")
-            study_uid = validate_uid(values["StudyInstanceUID"], "Study Instance UID")
-            series_uid = validate_uid(values["SeriesInstanceUID"], "Series Instance UID")
+            sop_class = validate_uid(values.get("SOPClassUID"), "SOP Class UID")
+            sop_uid = validate_uid(values.get("SOPInstanceUID"), "SOP Instance UID")
+            study_uid = validate_uid(values.get("StudyInstanceUID"), "Study Instance UID")
+            series_uid = validate_uid(values.get("SeriesInstanceUID"), "Series Instance UID")
         except InvalidUID as exc:
             raise _StoreRefused(statuses.CANNOT_UNDERSTAND_INVALID_UID, str(exc)) from exc
         affected_sop = str(req.AffectedSOPInstanceUID or "").rstrip("\x00 ")
@@ -509,7 +498,7 @@ class IngestHandlers:
                 statuses.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
                 "SOP Class UID differs from Affected SOP Class UID",
             )
-        modality = str(values["Modality"] or "").strip()[:16] or None
+        modality = values.get("Modality", "")[:16] or None
 
         key = self.journal.study_key(study_uid)
         final = self.spool.instance_path(study_uid, series_uid, sop_uid)
@@ -592,25 +581,33 @@ def _same_content(a: Path, b: Path) -> bool:
 # --------------------------------------------------------------------------
 # the server of one ingest process
 # --------------------------------------------------------------------------
-class SharedSocketAssociationServer(ThreadedAssociationServer):
-    """An association server that accepts on a listening socket it was given
-    (created by the node, shared by several ingest processes) instead of
-    binding its own."""
+class NodeAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's association server, fed by the node.
 
-    def __init__(self, listen_socket: socket.socket, *args: Any, **kwargs: Any) -> None:
+    With a ``listen_socket`` it accepts there itself (one ingest process:
+    the node's own). Without one it never accepts: the node's dispatcher
+    accepts every connection and hands it to the least busy ingest process
+    (:meth:`serve_channel`). Benchmarks showed several processes accepting on
+    one socket balance badly: whoever has just accepted wins the next one
+    too, and four associations ended up in one process in most runs.
+    """
+
+    def __init__(
+        self, listen_socket: socket.socket | None, address: Any, *args: Any, **kwargs: Any
+    ) -> None:
         self._listen_socket = listen_socket
-        super().__init__(*args, **kwargs)
+        self._fixed_address = address
+        self._on_finished: Any = None
+        super().__init__(*args[:1], address, *args[1:], **kwargs)
 
     def server_bind(self) -> None:
-        self.socket.close()
-        self.socket = self._listen_socket
-        # Non-blocking: when several processes wake for one connection, the
-        # losers' accept() fails at once instead of blocking their loop.
-        self.socket.setblocking(False)
-        self.server_address = self.socket.getsockname()
+        if self._listen_socket is not None:
+            self.socket.close()
+            self.socket = self._listen_socket
+        self.server_address = self._fixed_address
 
     def server_activate(self) -> None:
-        """Already listening."""
+        """The node owns the listening socket."""
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept only; the TLS handshake happens in the connection's own
@@ -621,20 +618,59 @@ class SharedSocketAssociationServer(ThreadedAssociationServer):
         return client, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if self.ssl_context is not None:
-            request.settimeout(self.ae.acse_timeout or 30.0)
+        try:
+            if self.ssl_context is not None:
+                request.settimeout(self.ae.acse_timeout or 30.0)
+                try:
+                    request = self.ssl_context.wrap_socket(request, server_side=True)
+                except (OSError, ValueError) as exc:
+                    reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+                    audit.info(
+                        "association refused peer=%s:%s reason=tls-handshake-failed (%s)",
+                        client_address[0], client_address[1], reason or type(exc).__name__,
+                    )
+                    self.shutdown_request(request)
+                    return
+                request.settimeout(None)
+            super().process_request_thread(request, client_address)
+        finally:
+            if self._on_finished is not None:
+                self._on_finished()
+
+    def serve_channel(self, channel: socket.socket, stop: threading.Event) -> None:
+        """Take connections the node passes over ``channel`` (SCM_RIGHTS)
+        until the node closes it or ``stop`` is set; report each finished
+        one with a byte so the node knows this process's load."""
+        lock = threading.Lock()
+
+        def finished() -> None:
+            with lock:
+                try:
+                    channel.send(b"-")
+                except OSError:
+                    pass
+
+        self._on_finished = finished
+        channel.settimeout(0.5)
+        while not stop.is_set():
             try:
-                request = self.ssl_context.wrap_socket(request, server_side=True)
-            except (OSError, ValueError) as exc:
-                reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
-                audit.info(
-                    "association refused peer=%s:%s reason=tls-handshake-failed (%s)",
-                    client_address[0], client_address[1], reason or type(exc).__name__,
-                )
-                self.shutdown_request(request)
-                return
-            request.settimeout(None)
-        super().process_request_thread(request, client_address)
+                msg, fds, _flags, _addr = socket.recv_fds(channel, 512, 1)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not msg and not fds:
+                break  # the node is gone: finish what we have and exit
+            for fd in fds:
+                client = socket.socket(fileno=fd)
+                try:
+                    host, _, port = msg.decode().rpartition(",")
+                    self.process_request(client, (host, int(port)))
+                except Exception:
+                    log.exception("could not start an association")
+                    client.close()
+                    finished()
+
 
 def build_ae(cfg: ScpConfig) -> AE:
     ae = AE(ae_title=cfg.ae_title)
@@ -653,20 +689,23 @@ def build_ae(cfg: ScpConfig) -> AE:
     return ae
 
 
-def make_server(cfg: ScpConfig, listen_socket: socket.socket, journal: Journal) -> SharedSocketAssociationServer:
-    """Build one ingest process's association server (call after fork/spawn)."""
+def make_server(
+    cfg: ScpConfig, journal: Journal, address: Any, listen_socket: socket.socket | None = None
+) -> NodeAssociationServer:
+    """Build one ingest process's association server (call after spawn)."""
     spool = Spool(cfg.spool)
     configure_pynetdicom(spool.tmp)
     ae = build_ae(cfg)
     handlers = IngestHandlers(cfg, spool, journal)
-    server = SharedSocketAssociationServer(
+    server = NodeAssociationServer(
         listen_socket,
+        address,
         ae,
-        listen_socket.getsockname(),
         cfg.ae_title,
         ae.supported_contexts,
         make_ssl_context(cfg),
         evt_handlers=handlers.handlers(),
     )
+    server.daemon_threads = True
     ae._servers.append(server)
     return server

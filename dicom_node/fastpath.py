@@ -1,0 +1,138 @@
+"""Hand-encoded C-STORE responses and File Meta for the node's receive path.
+
+The ingest benchmark's profile (bench/ingest.py --profile pyspy) showed
+pynetdicom spending about a fifth of the node's CPU building and encoding
+each C-STORE-RSP through pydicom Datasets, and a further share building a
+File Meta Information Dataset for every received instance. Both are small,
+fixed structures, so the node encodes them directly here (PS3.7 Section 9.3.1.2
+and Annex E for the response command set, Implicit VR Little Endian; PS3.10
+Section 7.1 for the File Meta group, Explicit VR Little Endian) and installs
+them in pynetdicom's Storage SCP path (:func:`install`). Everything else in
+pynetdicom (negotiation, state machine, other services) is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom import dimse_messages as _dimse_messages
+from pynetdicom import evt
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+
+from . import statuses
+
+log = logging.getLogger(__name__)
+
+C_STORE_RSP = 0x8001
+NO_DATA_SET = 0x0101
+#: Message Control Header: command, last fragment (PS3.8 E.2).
+COMMAND_LAST_FRAGMENT = b"\x03"
+
+
+def _uid_bytes(value: Any) -> bytes:
+    raw = str(value or "").rstrip("\x00 ").encode("ascii", "replace")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _text_bytes(value: str) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def _implicit(group: int, element: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", group, element, len(value)) + value
+
+
+def encode_store_response(
+    message_id: int, sop_class_uid: Any, sop_instance_uid: Any, status: int, comment: str | None = None
+) -> bytes:
+    """The command set of a C-STORE-RSP (PS3.7 Table 9.3-2), Implicit VR LE."""
+    body = b"".join((
+        _implicit(0x0000, 0x0002, _uid_bytes(sop_class_uid)),
+        _implicit(0x0000, 0x0100, struct.pack("<H", C_STORE_RSP)),
+        _implicit(0x0000, 0x0120, struct.pack("<H", message_id & 0xFFFF)),
+        _implicit(0x0000, 0x0800, struct.pack("<H", NO_DATA_SET)),
+        _implicit(0x0000, 0x0900, struct.pack("<H", status & 0xFFFF)),
+        _implicit(0x0000, 0x0902, _text_bytes(comment)) if comment else b"",
+        _implicit(0x0000, 0x1000, _uid_bytes(sop_instance_uid)),
+    ))
+    return _implicit(0x0000, 0x0000, struct.pack("<L", len(body))) + body
+
+
+def _explicit(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB",):
+        return struct.pack("<HH", group, element) + vr + b"\x00\x00" + struct.pack("<L", len(value)) + value
+    return struct.pack("<HH", group, element) + vr + struct.pack("<H", len(value)) + value
+
+
+def encode_file_meta(sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any) -> bytes:
+    """Preamble-less File Meta Information group (PS3.10 Table 7.1-1)."""
+    body = b"".join((
+        _explicit(0x0002, 0x0001, b"OB", b"\x00\x01"),
+        _explicit(0x0002, 0x0002, b"UI", _uid_bytes(sop_class_uid)),
+        _explicit(0x0002, 0x0003, b"UI", _uid_bytes(sop_instance_uid)),
+        _explicit(0x0002, 0x0010, b"UI", _uid_bytes(transfer_syntax)),
+        _explicit(0x0002, 0x0012, b"UI", _uid_bytes(PYNETDICOM_IMPLEMENTATION_UID)),
+        _explicit(0x0002, 0x0013, b"SH", _text_bytes(PYNETDICOM_IMPLEMENTATION_VERSION)),
+    ))
+    return _explicit(0x0002, 0x0000, b"UL", struct.pack("<L", len(body))) + body
+
+
+def _create_file_meta(sop_class_uid: Any = None, sop_instance_uid: Any = None, transfer_syntax: Any = None, **_: Any) -> bytes:
+    """Stands in for ``create_file_meta`` in ``pynetdicom.dimse_messages``."""
+    return encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax)
+
+
+def _write_file_meta_info(fp: Any, file_meta: Any, *args: Any, **kwargs: Any) -> None:
+    """Stands in for ``write_file_meta_info`` in ``pynetdicom.dimse_messages``."""
+    fp.write(file_meta)
+
+
+def _status_of(result: Any) -> tuple[int, str | None]:
+    if isinstance(result, int):
+        return result, None
+    if isinstance(result, Dataset) and "Status" in result:
+        return int(result.Status), result.get("ErrorComment")
+    return statuses.CANNOT_UNDERSTAND_PROCESSING, "handler returned no status"
+
+
+def store_scp(self: StorageServiceClass, req: Any, context: Any) -> None:
+    """Replaces ``StorageServiceClass.SCP``: the same steps (PS3.4 B.2.2:
+    hand the request to the EVT_C_STORE handler, remove the temp file, send
+    the response), with the response encoded by :func:`encode_store_response`."""
+    cx_id = int(context.context_id)
+    try:
+        result = evt.trigger(self.assoc, evt.EVT_C_STORE, {"request": req, "context": context.as_tuple})
+    except Exception:
+        log.exception("the C-STORE handler raised")
+        result = statuses.CANNOT_UNDERSTAND_PROCESSING
+    finally:
+        tmp = getattr(req, "_dataset_file", None)
+        if tmp is not None:
+            tmp.close()
+            try:
+                os.unlink(tmp.name)
+            except OSError:
+                pass
+    if not self.assoc.is_established:
+        return
+    status, comment = _status_of(result)
+    command = encode_store_response(
+        int(req.MessageID), req.AffectedSOPClassUID, req.AffectedSOPInstanceUID, status, comment
+    )
+    pdata = P_DATA()
+    pdata.presentation_data_value_list = [[cx_id, COMMAND_LAST_FRAGMENT + command]]
+    self.dimse.dul.send_pdu(pdata)
+
+
+def install() -> None:
+    """Put the hand-encoded paths into pynetdicom (process-wide, idempotent)."""
+    StorageServiceClass.SCP = store_scp  # type: ignore[method-assign]
+    _dimse_messages.create_file_meta = _create_file_meta  # type: ignore[assignment]
+    _dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[assignment]
