@@ -35,7 +35,7 @@ class NodeSettings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
-    ingest_processes: int = 0  # 0 = one per core, at most 4
+    ingest_processes: int = 0  # 0 = two per core, at most 8
     max_pdu: int = 131072
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
