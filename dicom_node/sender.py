@@ -231,6 +231,13 @@ def _set_tcp_nodelay(event: evt.Event) -> None:
         log.debug("could not set TCP_NODELAY", exc_info=True)
 
 
+def guard_responses(assoc: Association) -> None:
+    """Make the thread that sends requests on ``assoc`` the only reader of
+    its responses (see :class:`_ResponseWaiter`); for any pynetdicom SCU
+    association, tests included, that sends back to back."""
+    _ResponseWaiter(assoc)
+
+
 class _ResponseWaiter:
     """Stands in for ``assoc.dimse.get_msg`` on an association we requested.
 

@@ -261,18 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.set_defaults(func=cmd_check_config)
 
-    try:  # TODO(remove guard once send_cmd lands)
-        from . import send_cmd
-    except ImportError:
-        send_cmd = None
-    if send_cmd is not None:
-        send_cmd.register(sub)
+    from . import send_cmd
+
+    send_cmd.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.func is not cmd_node:
+            setup_logging("WARNING")  # warnings of echo/send/status as plain lines
         return int(args.func(args) or 0)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ from pynetdicom import AE
 from dicom_node import journal as j
 from dicom_node.node import Node
 from dicom_node.scp import ScpConfig
+from dicom_node.sender import guard_responses
 
 from .factory import ct_dataset
 
@@ -61,6 +62,7 @@ def associate(port: int):
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="PACS_AI")
     assert assoc.is_established
+    guard_responses(assoc)  # pynetdicom's lost-response race: see dicom_node/sender.py
     return assoc
 
 

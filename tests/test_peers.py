@@ -10,6 +10,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from dicom_node.sender import guard_responses
+
 from dicom_node import statuses
 
 from .factory import ct_dataset
@@ -36,7 +38,10 @@ def try_associate(port: int, calling: str, called: str = "PACS_AI", bind: str = 
     ae.add_requested_context(Verification)
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     kwargs = {"bind_address": (bind, 0)} if bind else {}
-    return ae.associate("127.0.0.1", port, ae_title=called, **kwargs)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, **kwargs)
+    if assoc.is_established:
+        guard_responses(assoc)  # pynetdicom's lost-response race: see dicom_node/sender.py
+    return assoc
 
 
 def reject_reason(assoc) -> tuple[int, int, int]:

@@ -14,6 +14,8 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
+from dicom_node.sender import guard_responses
+
 from .factory import ct_dataset
 from .nodeproc import NodeProcess
 
@@ -38,6 +40,7 @@ class Sender(threading.Thread):
         if not assoc.is_established:
             self.errors += 1
             return
+        guard_responses(assoc)  # pynetdicom's lost-response race: see dicom_node/sender.py
         try:
             for ds in self.datasets:
                 try:
