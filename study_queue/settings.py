@@ -317,13 +317,13 @@ def _mask(key: str, value: Any) -> Any:
 _TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     out = []
     for ch in str(value):
         if ch in _TOML_ESCAPES:
@@ -341,11 +341,11 @@ def effective_toml(s: Settings) -> str:
     for section in SECTIONS:
         lines.append(f"[{section}]")
         for k, v in dataclasses.asdict(getattr(s, section)).items():
-            lines.append(f"{k} = {_toml_value(_mask(k, v))}")
+            lines.append(f"{k} = {toml_value(_mask(k, v))}")
         lines.append("")
     for peer in s.peers:
         lines.append("[[peers]]")
         for k, v in dataclasses.asdict(peer).items():
-            lines.append(f"{k} = {_toml_value(v)}")
+            lines.append(f"{k} = {toml_value(v)}")
         lines.append("")
     return "\n".join(lines)

@@ -15,17 +15,9 @@ from typing import Any
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from study_queue.settings import toml_value
+
 from .conftest import free_port
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
 
 
 def write_config(path: Path, node: dict[str, Any], peers: list[dict[str, Any]] | None = None) -> Path:

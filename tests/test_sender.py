@@ -15,7 +15,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -43,6 +42,8 @@ from dicom_node.sender import (
 from study_queue import send_cmd
 from study_queue.errors import UsageError
 
+from .factory import SENTINEL_ID, SENTINEL_NAME, ct_dataset
+
 # --------------------------------------------------------------------------
 # helpers
 
@@ -58,41 +59,13 @@ def _restricted_storage(monkeypatch):
 def write_ct_series(folder: Path, n: int, transfer_syntax=ExplicitVRLittleEndian) -> dict[str, Path]:
     """n small CT images (64x64) of one series; returns {SOP Instance UID: path}."""
     folder.mkdir(parents=True, exist_ok=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    study, series = generate_uid(), generate_uid()
     files = {}
     for i in range(n):
-        uid = generate_uid()
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = uid
-        ds.file_meta.TransferSyntaxUID = transfer_syntax
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = uid
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = series
-        ds.FrameOfReferenceUID = frame
-        ds.PatientName = "Sender^Test"
-        ds.PatientID = "SENDER-TEST"
-        ds.Modality = "CT"
-        ds.InstanceNumber = i + 1
-        ds.ImagePositionPatient = [0.0, 0.0, float(i)]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing = [0.7, 0.7]
-        ds.SliceThickness = 1.0
-        ds.Rows = ds.Columns = 64
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept = -1024
-        ds.RescaleSlope = 1
-        ds.PixelData = np.full((64, 64), i, dtype=np.uint16).tobytes()
+        ds = ct_dataset(study, series, index=i, transfer_syntax=transfer_syntax)
         path = folder / f"ct{i:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
-        files[uid] = path
+        files[ds.SOPInstanceUID] = path
     return files
 
 
@@ -313,7 +286,7 @@ def test_send_folder_to_storescp(port, dcmtk_env, tmp_path, capsys):
     assert {o.sop_instance_uid for o in report.outcomes} == set(files)
     summary = format_summary(report)
     assert "50 sent to STORESCP@127.0.0.1" in summary and "instances/s" in summary and "1 skipped" in summary
-    assert "Sender^Test" not in summary and "SENDER-TEST" not in summary
+    assert SENTINEL_NAME not in summary and SENTINEL_ID not in summary
 
 
 def test_send_sends_the_file_bytes_unchanged(port, tmp_path):

@@ -24,17 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-try:  # tests/ is not a package today; keep working if it becomes one
-    from tests.certs import Pki, make_pki
-except ImportError:
-    from certs import Pki, make_pki
+from .certs import Pki, make_pki
+from .factory import ct_dataset
 
 CLI = [sys.executable, "-m", "study_queue.cli"]
 SUCCESS = 0x0000
@@ -155,44 +152,7 @@ def associate(port: int, ctx: ssl.SSLContext | None):
 
 def make_ct(study_uid: str | None = None) -> Dataset:
     """A small but complete CT Image instance (64 x 64, 16 bit)."""
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.FrameOfReferenceUID = generate_uid()
-    ds.Modality = "CT"
-    ds.PatientName = "TLS^Test"
-    ds.PatientID = "TLS-0001"
-    ds.StudyDate = "20260101"
-    ds.StudyTime = "120000"
-    ds.AccessionNumber = "A1"
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.ImagePositionPatient = [0.0, 0.0, 0.0]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = [0.7, 0.7]
-    ds.SliceThickness = 1.0
-    ds.KVP = 120
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = 64
-    ds.Columns = 64
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.RescaleIntercept = -1024
-    ds.RescaleSlope = 1
-    pixels = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096).astype(np.uint16)
-    ds.PixelData = pixels.tobytes()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
+    return ct_dataset(study_uid or generate_uid(), generate_uid())
 
 
 def echo_and_store(port: int, ctx: ssl.SSLContext, ds: Dataset) -> None:
