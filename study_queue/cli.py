@@ -272,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.func is not cmd_node:
             setup_logging("WARNING")  # warnings of echo/send/status as plain lines
+            # pynetdicom's own errors repeat what the one-line error says
+            logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
         return int(args.func(args) or 0)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
