@@ -155,7 +155,7 @@ class Node:
                 study = validate_uid(ds.StudyInstanceUID)
                 series = validate_uid(ds.SeriesInstanceUID)
                 sop = validate_uid(ds.SOPInstanceUID)
-                if self.spool.instance_path(study, series, sop) != path:
+                if self.spool.instance_relpath(study, series, sop) != rel:
                     raise InvalidUID("file name and UIDs disagree")
                 self.journal.record_instance(
                     InstanceRecord(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -431,33 +432,31 @@ class IngestHandlers:
         """C-ECHO (PS3.7 9.1.5): always Success while the node runs."""
         return statuses.SUCCESS
 
-    def on_store(self, event: Any) -> Dataset:
+    def on_store(self, event: Any) -> int | Dataset:
         """C-STORE (PS3.4 B.2.2): never raises; maps every outcome to a status."""
         st: _AssocState | None = getattr(event.assoc, "_pacs_ai", None)
-        rsp = Dataset()
         tmp: SpoolTempFile | None = getattr(event.request, "_dataset_file", None)
         try:
             key = self._store(event, tmp, st)
-            rsp.Status = statuses.SUCCESS
             if st is not None:
                 st.instances += 1
             log.debug("stored an instance of study %s", key, extra={"study_key": key})
+            return statuses.SUCCESS  # an int: no Dataset to build for the common case
         except _StoreRefused as refused:
-            rsp.Status = refused.status
-            rsp.ErrorComment = refused.comment
+            status, comment = refused.status, refused.comment
         except Exception as exc:  # a bug: answer, log, keep the association
             log.exception("unexpected error while storing an instance")
-            rsp.Status = statuses.CANNOT_UNDERSTAND_PROCESSING
-            rsp.ErrorComment = _comment(f"internal error: {type(exc).__name__}")
-        if rsp.Status != statuses.SUCCESS:
-            if st is not None:
-                st.failures += 1
-            log.warning(
-                "C-STORE refused with 0x%04X (%s): %s",
-                rsp.Status,
-                statuses.STORE_STATUS_NAMES.get(rsp.Status, "failure"),
-                rsp.ErrorComment,
-            )
+            status = statuses.CANNOT_UNDERSTAND_PROCESSING
+            comment = _comment(f"internal error: {type(exc).__name__}")
+        if st is not None:
+            st.failures += 1
+        log.warning(
+            "C-STORE refused with 0x%04X (%s): %s",
+            status, statuses.STORE_STATUS_NAMES.get(status, "failure"), comment,
+        )
+        rsp = Dataset()
+        rsp.Status = status
+        rsp.ErrorComment = comment
         return rsp
 
     def _store(self, event: Any, tmp: SpoolTempFile | None, st: _AssocState | None) -> str:
@@ -504,7 +503,8 @@ class IngestHandlers:
         modality = values.get("Modality", "")[:16] or None
 
         key = self.journal.study_key(study_uid)
-        final = self.spool.instance_path(study_uid, series_uid, sop_uid)
+        rel = self.spool.instance_relpath(study_uid, series_uid, sop_uid)
+        final = os.path.join(self.spool._root_text, rel)
         if self.journal.instance(sop_uid) is not None:
             self._duplicate(key, sop_uid, tmp)
             return key
@@ -528,7 +528,7 @@ class IngestHandlers:
                     sop_class_uid=sop_class,
                     transfer_syntax=transfer_syntax,
                     modality=modality,
-                    path=str(final.relative_to(self.spool.root)),
+                    path=rel,
                     size=tmp.size,
                 ),
                 calling_ae=st.calling_ae if st else None,
@@ -550,7 +550,7 @@ class IngestHandlers:
         conflict = False
         if row is not None and not already_placed:
             existing = self.spool.root / row["path"]
-            conflict = not _same_content(existing, Path(tmp.name))
+            conflict = not _same_content(existing, tmp.name)
         try:
             self.journal.count_duplicate(row["study_key"] if row else key, conflict=conflict)
         except Exception:
@@ -566,9 +566,9 @@ class IngestHandlers:
             log.info("study %s: duplicate instance ignored", key, extra={"study_key": key})
 
 
-def _same_content(a: Path, b: Path) -> bool:
+def _same_content(a: Path | str, b: Path | str) -> bool:
     try:
-        if a.stat().st_size != b.stat().st_size:
+        if os.stat(a).st_size != os.stat(b).st_size:
             return False
         with open(a, "rb") as fa, open(b, "rb") as fb:
             while True:
@@ -621,24 +621,27 @@ class NodeAssociationServer(ThreadedAssociationServer):
         return client, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            if self.ssl_context is not None:
-                request.settimeout(self.ae.acse_timeout or 30.0)
-                try:
-                    request = self.ssl_context.wrap_socket(request, server_side=True)
-                except (OSError, ValueError) as exc:
-                    reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
-                    audit.info(
-                        "association refused peer=%s:%s reason=tls-handshake-failed (%s)",
-                        client_address[0], client_address[1], reason or type(exc).__name__,
-                    )
-                    self.shutdown_request(request)
-                    return
-                request.settimeout(None)
-            super().process_request_thread(request, client_address)
-        finally:
-            if self._on_finished is not None:
-                self._on_finished()
+        if self.ssl_context is not None:
+            request.settimeout(self.ae.acse_timeout or 30.0)
+            try:
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+            except (OSError, ValueError) as exc:
+                reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+                audit.info(
+                    "association refused peer=%s:%s reason=tls-handshake-failed (%s)",
+                    client_address[0], client_address[1], reason or type(exc).__name__,
+                )
+                self.shutdown_request(request)
+                self._finished()
+                return
+            request.settimeout(None)
+        # pynetdicom's handler starts the association's thread and returns;
+        # the connection counts as finished at EVT_CONN_CLOSE.
+        super().process_request_thread(request, client_address)
+
+    def _finished(self, _event: Any = None) -> None:
+        if self._on_finished is not None:
+            self._on_finished()
 
     def serve_channel(self, channel: socket.socket, stop: threading.Event) -> None:
         """Take connections the node passes over ``channel`` (SCM_RIGHTS)
@@ -654,6 +657,7 @@ class NodeAssociationServer(ThreadedAssociationServer):
                     pass
 
         self._on_finished = finished
+        self.bind(evt.EVT_CONN_CLOSE, self._finished)
         channel.settimeout(0.5)
         while not stop.is_set():
             try:

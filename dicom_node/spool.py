@@ -128,7 +128,7 @@ class SpoolTempFile:
         self.close()
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -151,6 +151,8 @@ class Spool:
         self.root = Path(root).resolve()
         self.tmp = self.root / TMP_DIR
         self.journal_path = self.root / JOURNAL_FILE
+        self._root_text = str(self.root)
+        self._known_dirs: set[str] = set()
 
     def prepare(self, clean_tmp: bool = True) -> None:
         """Create the spool (owner-only permissions) and remove temp files a
@@ -174,35 +176,41 @@ class Spool:
     def new_temp_file(self) -> SpoolTempFile:
         return SpoolTempFile(self.tmp)
 
-    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        """Path of an instance; every UID is validated so the path stays inside."""
+    def instance_relpath(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """``<study>/<series>/<sop>.dcm`` relative to the spool. Every UID is
+        validated first: digits and dots only, so no component can be empty,
+        ``..`` or contain a separator, and the path cannot leave the spool."""
         study = validate_uid(study_uid, "Study Instance UID")
         series = validate_uid(series_uid, "Series Instance UID")
         sop = validate_uid(sop_uid, "SOP Instance UID")
-        path = self.root / study / series / f"{sop}{INSTANCE_SUFFIX}"
-        # Belt and braces: validated UIDs cannot escape, but say so explicitly.
-        if self.root not in path.parents:
-            raise ValueError("instance path escapes the spool")
-        return path
+        return f"{study}/{series}/{sop}{INSTANCE_SUFFIX}"
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.root / self.instance_relpath(study_uid, series_uid, sop_uid)
 
     def study_dir(self, study_uid: str) -> Path:
         return self.root / validate_uid(study_uid, "Study Instance UID")
 
-    def _make_dirs(self, directory: Path) -> None:
+    def _make_dirs(self, directory: str) -> None:
         """Create ``directory`` and fsync each parent whose entries changed."""
+        if directory in self._known_dirs:
+            return
         missing = []
         d = directory
-        while not d.exists():
+        while not os.path.isdir(d):
             missing.append(d)
-            d = d.parent
+            d = os.path.dirname(d)
         for d in reversed(missing):
             try:
-                d.mkdir(mode=0o700)
+                os.mkdir(d, 0o700)
             except FileExistsError:
                 pass
-            fsync_dir(d.parent)
+            fsync_dir(os.path.dirname(d))
+        if len(self._known_dirs) > 10_000:
+            self._known_dirs.clear()
+        self._known_dirs.add(directory)
 
-    def commit(self, temp: Path | str, final: Path) -> bool:
+    def commit(self, temp: str, final: str) -> bool:
         """Move a complete, fsynced temp file to ``final`` without ever
         replacing an existing file.
 
@@ -211,7 +219,8 @@ class Spool:
         Raises :class:`SpoolError` on an I/O error.
         """
         try:
-            self._make_dirs(final.parent)
+            parent = os.path.dirname(final)
+            self._make_dirs(parent)
             try:
                 os.link(temp, final)  # atomic, and fails rather than clobber
             except FileExistsError:
@@ -219,20 +228,21 @@ class Spool:
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
-                self._copy_into_place(Path(temp), final)
+                self._copy_into_place(Path(temp), Path(final))
             os.unlink(temp)
-            fsync_dir(final.parent)
+            fsync_dir(parent)
             return True
         except OSError as exc:
             raise SpoolError(exc.errno, f"cannot store instance: {exc.strerror}") from exc
 
-    def replace(self, temp: Path | str, final: Path) -> None:
+    def replace(self, temp: str, final: str) -> None:
         """Put ``temp`` at ``final`` even if a file is there (used only for a
         file that was never journaled, hence never acknowledged)."""
         try:
-            self._make_dirs(final.parent)
+            parent = os.path.dirname(final)
+            self._make_dirs(parent)
             os.replace(temp, final)
-            fsync_dir(final.parent)
+            fsync_dir(parent)
         except OSError as exc:
             raise SpoolError(exc.errno, f"cannot store instance: {exc.strerror}") from exc
 
