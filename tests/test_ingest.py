@@ -16,6 +16,8 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
@@ -235,8 +237,11 @@ def test_compressed_and_private_classes_are_stored_as_received(node):
     assert jpeg.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
     private_class = "1.3.6.1.4.1.9590.100.1.2.999"
     private = ct_dataset(generate_uid(), sop_class=private_class)
+    deflated = ct_dataset(generate_uid(), sop_class=SecondaryCaptureImageStorage,
+                          transfer_syntax=DeflatedExplicitVRLittleEndian)
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(jpeg.SOPClassUID, [JPEGBaseline8Bit])
+    ae.add_requested_context(SecondaryCaptureImageStorage, [DeflatedExplicitVRLittleEndian])
     ae.add_requested_context(private_class, [ExplicitVRLittleEndian])
     ae.add_requested_context(CTImageStorage, [MPEG2MPML])  # nothing here reads MPEG-2
     assoc = ae.associate("127.0.0.1", node.port, ae_title="PACS_AI")
@@ -249,6 +254,7 @@ def test_compressed_and_private_classes_are_stored_as_received(node):
         assert rejected and rejected[0].result == 0x04, "MPEG-2 must be refused: transfer syntax not supported"
         assert assoc.send_c_store(jpeg).Status == statuses.SUCCESS
         assert assoc.send_c_store(private).Status == statuses.SUCCESS
+        assert assoc.send_c_store(deflated).Status == statuses.SUCCESS
     finally:
         assoc.release()
     stored = {p.stem: p for p in node.stored_files()}
@@ -256,6 +262,9 @@ def test_compressed_and_private_classes_are_stored_as_received(node):
     assert dcmread(jpeg_copy).file_meta.TransferSyntaxUID == JPEGBaseline8Bit
     assert dataset_bytes(jpeg_copy) == dataset_bytes(Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")))
     assert private.SOPInstanceUID in stored
+    deflated_copy = dcmread(stored[deflated.SOPInstanceUID])
+    assert deflated_copy.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert deflated_copy.StudyInstanceUID == deflated.StudyInstanceUID
 
 
 def test_write_error_answers_out_of_resources(tmp_path):
