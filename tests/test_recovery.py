@@ -173,3 +173,28 @@ def test_kill_9_of_an_ingest_process_is_survived(tmp_path):
         assert "ingest process" in node.log_text() and "starting another" in node.log_text()
     finally:
         node.stop()
+
+
+def test_ingest_processes_exit_when_the_node_is_killed(tmp_path):
+    """No orphan keeps serving (or holding the port) after kill -9 of the
+    node: the next node can start on the same port at once."""
+    node = NodeProcess(tmp_path, ingest_processes=2)
+    node.start()
+    assert node.proc is not None
+    wait_until(lambda: len(_ingest_children(node.proc.pid)) >= 2, 15, "two ingest processes")
+    children = _ingest_children(node.proc.pid)
+    node.kill9()
+
+    def gone(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            return True
+        return state == "Z"
+
+    wait_until(lambda: all(gone(pid) for pid in children), 15, "the ingest processes to exit")
+    node.start()
+    try:
+        assert node.status() == []
+    finally:
+        node.stop()
