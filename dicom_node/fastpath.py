@@ -22,7 +22,6 @@ from pydicom.dataset import Dataset
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import evt
-from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 
 from . import statuses
@@ -105,7 +104,11 @@ def _status_of(result: Any) -> tuple[int, str | None]:
 def store_scp(self: StorageServiceClass, req: Any, context: Any) -> None:
     """Replaces ``StorageServiceClass.SCP``: the same steps (PS3.4 B.2.2:
     hand the request to the EVT_C_STORE handler, remove the temp file, send
-    the response), with the response encoded by :func:`encode_store_response`."""
+    the response), with the response encoded by :func:`encode_store_response`
+    and written to the socket by this (the association's) thread. Queued to
+    pynetdicom's DUL thread it waited for that thread's next 1 ms poll; in
+    state Sta6 sending a P-DATA-TF changes no state (PS3.8 9.2, action
+    DT-1), and the peer sends nothing else while it awaits this response."""
     cx_id = int(context.context_id)
     try:
         result = evt.trigger(self.assoc, evt.EVT_C_STORE, {"request": req, "context": context.as_tuple})
@@ -126,9 +129,10 @@ def store_scp(self: StorageServiceClass, req: Any, context: Any) -> None:
     command = encode_store_response(
         int(req.MessageID), req.AffectedSOPClassUID, req.AffectedSOPInstanceUID, status, comment
     )
-    pdata = P_DATA()
-    pdata.presentation_data_value_list = [[cx_id, COMMAND_LAST_FRAGMENT + command]]
-    self.dimse.dul.send_pdu(pdata)
+    # P-DATA-TF PDU (PS3.8 9.3.5): one PDV item holding the whole command.
+    pdv = struct.pack(">LB", len(command) + 2, cx_id) + COMMAND_LAST_FRAGMENT + command
+    pdu = struct.pack(">BBL", 0x04, 0x00, len(pdv)) + pdv
+    self.assoc.dul.socket.send(pdu)
 
 
 def install() -> None:
