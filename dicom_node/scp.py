@@ -379,6 +379,7 @@ class IngestHandlers:
                 assoc.abort()
 
     def on_established(self, event: Any) -> None:
+        fastpath.wait_for_data(event.assoc)
         st: _AssocState | None = getattr(event.assoc, "_pacs_ai", None)
         if st is None:
             return
