@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import select
 import ssl
 import struct
@@ -24,6 +25,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.transport import AssociationSocket
 
@@ -163,6 +165,29 @@ def wait_for_data(assoc: Any, seconds: float = 0.001) -> None:
     if dul.socket is not None:
         dul.socket._ready_wait = seconds
         dul._run_loop_delay = 0
+
+
+class _ServeStoresAtOnce(queue.Queue):
+    """Stands in for an acceptor association's ``dimse.msg_queue``: a
+    complete C-STORE request is served by the thread that decoded it (the
+    DUL thread) instead of waiting for the association thread's next 1 ms
+    poll. Anything else is queued as before. The peer sends nothing while
+    it waits for the response, so reading pauses at no cost."""
+
+    def __init__(self, assoc: Any) -> None:
+        super().__init__()
+        self._assoc = assoc
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        context_id, msg = item
+        if isinstance(msg, C_STORE) and msg.MessageIDBeingRespondedTo is None and self._assoc.is_established:
+            self._assoc._serve_request(msg, context_id)
+            return
+        super().put(item, block, timeout)
+
+
+def serve_stores_at_once(assoc: Any) -> None:
+    assoc.dimse.msg_queue = _ServeStoresAtOnce(assoc)
 
 
 def install() -> None:
