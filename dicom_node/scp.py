@@ -148,10 +148,33 @@ def negotiate_storage(
     extra = []
     for cx in rq_contexts:
         ab = cx.abstract_syntax
-        if ab and ab not in known and _is_storage_like(ab):
-            extra.append(build_context(ab, ACCEPTED_TRANSFER_SYNTAXES))
+        if ab and ab not in known:
+            context = _storage_context(ab)
+            if context is not None:
+                extra.append(context)
             known.add(ab)
     return negotiate_as_acceptor(rq_contexts, list(ac_contexts) + extra, roles)
+
+
+_context_cache: dict[str, PresentationContext | None] = {}
+
+
+def _storage_context(abstract_syntax: str) -> PresentationContext | None:
+    """The supported context for a storage-like abstract syntax (None for
+    others). Cached: building one validates every UID with a regular
+    expression, and storescu proposes over a hundred per association."""
+    try:
+        return _context_cache[abstract_syntax]
+    except KeyError:
+        pass
+    context = (
+        build_context(abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        if _is_storage_like(abstract_syntax) else None
+    )
+    if len(_context_cache) > 4096:  # private UIDs from anyone: keep it bounded
+        _context_cache.clear()
+    _context_cache[abstract_syntax] = context
+    return context
 
 
 def configure_pynetdicom(temp_dir: Path) -> None:
