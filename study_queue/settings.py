@@ -118,28 +118,18 @@ def _coerce(where: str, value: Any, typ: Any, from_env: bool) -> Any:
         if from_env and str(value).lower() in ("false", "0", "no", "off"):
             return False
         raise ConfigError(f"{where}: must be true or false, got {value!r}")
-    if typ is int or typ == "int":
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if from_env:
+    if typ in (int, "int", float, "float"):
+        integer = typ in (int, "int")
+        accepted = (int,) if integer else (int, float)
+        what = "an integer" if integer else "a number"
+        if isinstance(value, accepted) and not isinstance(value, bool):
+            return value if integer else float(value)
+        if from_env and isinstance(value, str):
             try:
-                return int(str(value).strip())
+                return int(value.strip()) if integer else float(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: must be an integer, got {value!r}")
-    if typ is float or typ == "float":
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if from_env:
-            try:
-                return float(str(value).strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: must be a number, got {value!r}")
+        raise ConfigError(f"{where}: must be {what}, got {value!r}")
     if typ is str or typ == "str":
         if isinstance(value, str):
             return value
