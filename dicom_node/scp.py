@@ -404,6 +404,7 @@ class IngestHandlers:
     def on_established(self, event: Any) -> None:
         fastpath.wait_for_data(event.assoc)
         fastpath.serve_stores_at_once(event.assoc)
+        fastpath.slow_association_poll(event.assoc)
         st: _AssocState | None = getattr(event.assoc, "_pacs_ai", None)
         if st is None:
             return
