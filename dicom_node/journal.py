@@ -489,10 +489,6 @@ class Journal:
                     "INSERT OR IGNORE INTO assoc_studies(assoc_id, study_key) VALUES (?, ?)",
                     (assoc_id, key),
                 )
-                conn.execute(
-                    "UPDATE associations SET instances = instances + 1 WHERE assoc_id = ?",
-                    (assoc_id,),
-                )
         return RecordResult(key, new=True, reopened=reopened)
 
     @_locked
@@ -568,19 +564,15 @@ class Journal:
             )
 
     @_locked
-    def close_association(self, assoc_id: str, outcome: str, failures: int = 0) -> int:
-        """Close an association; returns the number of instances it stored."""
+    def close_association(self, assoc_id: str, outcome: str, *, instances: int = 0, failures: int = 0) -> None:
+        """Close an association, with the instances it stored and refused."""
         conn = self._conn()
         with self._write(conn):
             conn.execute(
-                "UPDATE associations SET closed_at = ?, outcome = ?, failures = ? "
+                "UPDATE associations SET closed_at = ?, outcome = ?, instances = ?, failures = ? "
                 "WHERE assoc_id = ? AND closed_at IS NULL",
-                (time.time(), outcome, failures, assoc_id),
+                (time.time(), outcome, instances, failures, assoc_id),
             )
-            row = conn.execute(
-                "SELECT instances FROM associations WHERE assoc_id = ?", (assoc_id,)
-            ).fetchone()
-        return row[0] if row else 0
 
     @_locked
     def close_stale_associations(self, outcome: str, pid: int | None = None) -> int:

@@ -443,7 +443,7 @@ class IngestHandlers:
             outcome = "closed"
         if st.journaled:
             try:
-                self.journal.close_association(st.assoc_id, outcome, st.failures)
+                self.journal.close_association(st.assoc_id, outcome, instances=st.instances, failures=st.failures)
             except Exception:
                 log.exception("could not close association %s in the journal", st.assoc_id)
         audit.info(
@@ -531,14 +531,11 @@ class IngestHandlers:
         key = self.journal.study_key(study_uid)
         rel = self.spool.instance_relpath(study_uid, series_uid, sop_uid)
         final = os.path.join(self.spool._root_text, rel)
-        if self.journal.instance(sop_uid) is not None:
-            self._duplicate(key, sop_uid, tmp)
-            return key
         try:
-            placed = self.spool.commit(tmp.name, final)
-            if not placed:
-                if self.journal.instance(sop_uid) is not None:  # a concurrent duplicate
-                    self._duplicate(key, sop_uid, tmp)
+            if not self.spool.commit(tmp.name, final):
+                row = self.journal.instance(sop_uid)
+                if row is not None:  # the same instance again
+                    self._duplicate(key, row, tmp.name)
                     return key
                 # A file never journaled, so never acknowledged (a crash
                 # between link and journal): this copy replaces it.
@@ -566,19 +563,20 @@ class IngestHandlers:
             # retry replaces it; a restart adopts it (Node.reconcile).
             raise _StoreRefused(statuses.OUT_OF_RESOURCES, "journal write failed", key) from exc
         if not result.new:
-            self._duplicate(key, sop_uid, tmp, already_placed=True)
+            # The SOP Instance UID is journaled under another study or
+            # series: the first copy stays, this one goes.
+            row = self.journal.instance(sop_uid)
+            if row is not None and row["path"] != rel:
+                self._duplicate(key, row, final)
+                self.spool.remove(final)
         return key
 
-    def _duplicate(self, key: str, sop_uid: str, tmp: SpoolTempFile, already_placed: bool = False) -> None:
+    def _duplicate(self, key: str, row: Any, candidate: str) -> None:
         """Same SOP Instance UID again: keep the first copy, answer Success
         (DESIGN.md section 10); different content is a warning and counted."""
-        row = self.journal.instance(sop_uid)
-        conflict = False
-        if row is not None and not already_placed:
-            existing = self.spool.root / row["path"]
-            conflict = not _same_content(existing, tmp.name)
+        conflict = not _same_content(self.spool.root / row["path"], candidate)
         try:
-            self.journal.count_duplicate(row["study_key"] if row else key, conflict=conflict)
+            self.journal.count_duplicate(row["study_key"], conflict=conflict)
         except Exception:
             log.exception("could not count a duplicate instance")
         if conflict:

@@ -272,6 +272,14 @@ class Spool:
         except OSError as exc:
             raise SpoolError(exc.errno, f"cannot store instance: {exc.strerror}") from exc
 
+    def remove(self, path: str) -> None:
+        """Remove a file this process just put in place (and say so durably)."""
+        try:
+            os.unlink(path)
+            fsync_dir(os.path.dirname(path))
+        except OSError as exc:
+            log.warning("could not remove %s: %s", os.path.basename(path), exc.strerror)
+
     def _copy_into_place(self, temp: Path, final: Path) -> None:
         part = final.with_suffix(PART_SUFFIX)
         with open(temp, "rb") as src, open(part, "xb") as dst:

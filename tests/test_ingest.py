@@ -137,14 +137,18 @@ def test_duplicate_instances_stored_once(node):
         assert assoc.send_c_store(first).Status == statuses.SUCCESS  # same content
         other = ct_dataset(study_uid, sop_uid=sop, fill=2)  # same UID, other pixels
         assert assoc.send_c_store(other).Status == statuses.SUCCESS
+        elsewhere = ct_dataset(generate_uid(), sop_uid=sop, fill=1)  # same UID, another study
+        assert assoc.send_c_store(elsewhere).Status == statuses.SUCCESS
     finally:
         assoc.release()
     [stored] = node.stored_files()
     assert dcmread(stored).pixel_array[0, 0] == 1, "the first copy must be kept"
-    [study] = node.status()
+    assert dcmread(stored).StudyInstanceUID == study_uid
+    studies = node.status()
+    [study] = [s for s in studies if s["study_uid"] == study_uid]
     assert study["instance_count"] == 1
-    assert study["duplicates"] == 2
-    assert study["duplicate_conflicts"] == 1
+    assert study["duplicates"] == 3
+    assert study["duplicate_conflicts"] == 2
     assert "received again with different content" in node.log_text()
 
 

@@ -90,6 +90,6 @@ def test_open_associations_hold_completion_data(journal):
     key = record(journal, "1.2.3", "1.2.3.4", assoc="a1").study_key
     [(study, open_assocs)] = journal.receiving_studies()
     assert study.study_key == key and open_assocs == 1
-    assert journal.close_association("a1", "released") == 1
+    journal.close_association("a1", "released", instances=1)
     [(_, open_assocs)] = journal.receiving_studies()
     assert open_assocs == 0
