@@ -530,7 +530,7 @@ class IngestHandlers:
 
         key = self.journal.study_key(study_uid)
         rel = self.spool.instance_relpath(study_uid, series_uid, sop_uid)
-        final = os.path.join(self.spool._root_text, rel)
+        final = self.spool.absolute(rel)
         try:
             if not self.spool.commit(tmp.name, final):
                 row = self.journal.instance(sop_uid)

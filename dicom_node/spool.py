@@ -211,6 +211,11 @@ class Spool:
         sop = validate_uid(sop_uid, "SOP Instance UID")
         return f"{study}/{series}/{sop}{INSTANCE_SUFFIX}"
 
+    def absolute(self, relpath: str) -> str:
+        """The absolute path (a string: this is on the receive path) of a
+        spool-relative path from :meth:`instance_relpath`."""
+        return os.path.join(self._root_text, relpath)
+
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.root / self.instance_relpath(study_uid, series_uid, sop_uid)
 
