@@ -1,0 +1,14 @@
+"""Training the reference models on synthetic phantoms (torch: the optional ``train`` extra).
+
+Never imported by the service. One command trains both reference models and exports
+them to ONNX::
+
+    .venv/bin/pip install -e '.[train]'
+    .venv/bin/python -m inference.training --out inference/models
+
+Seeds: training phantoms use seeds from :data:`TRAIN_SEED_START` up; every evaluation
+(``bench/accuracy.py``) uses seeds below it, so no evaluated phantom was ever trained on.
+"""
+
+TRAIN_SEED_START = 100_000
+EVAL_SEED_START = 0

@@ -1,0 +1,216 @@
+"""Train both reference models on phantoms and export them to ONNX: one command.
+
+    .venv/bin/python -m inference.training --out inference/models
+
+Reproducible: phantoms, sampling, initial weights and batch order all come from fixed
+seeds (torch runs deterministic algorithms; on the same machine and torch build the
+weights come out the same). Samples are cached under ``--cache`` so a second run with other
+training settings does not regenerate the phantoms.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..spec import find_model, load_spec
+from . import TRAIN_SEED_START
+from .data import SAMPLES_VERSION, cached_samples
+from .nets import NoduleUNet, TriageCNN, WithSigmoid
+
+NODULE = "lung-nodule-ct"
+TRIAGE = "lung-triage-ct"
+
+
+def build_dataset(seeds, nodule_input, triage_input, cache: Path, workers: int):
+    # samples depend on the input specs and the sampling code: a cache folder per version
+    key = hashlib.sha256(repr((SAMPLES_VERSION, nodule_input, triage_input)).encode()).hexdigest()[:12]
+    cache = cache / f"samples-{key}"
+    cache.mkdir(parents=True, exist_ok=True)
+    jobs = [(s, nodule_input, triage_input, str(cache)) for s in seeds]
+    t0 = time.monotonic()
+    # spawn, not fork: torch is already imported here and its thread pools do not survive fork
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        paths = []
+        for n, p in enumerate(pool.map(cached_samples, jobs), 1):
+            paths.append(p)
+            if n % 10 == 0 or n == len(jobs):
+                print(f"  phantoms {n}/{len(jobs)} ({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
+    parts = [np.load(p) for p in paths]
+    return (
+        np.concatenate([p["patches"] for p in parts]),
+        np.concatenate([p["masks"] for p in parts]),
+        np.concatenate([p["slices"] for p in parts]),
+        np.concatenate([p["labels"] for p in parts]),
+    )
+
+
+def _windowed(x: np.ndarray, hu_window) -> torch.Tensor:
+    lo, hi = hu_window
+    t = torch.from_numpy(x.astype(np.float32))
+    return ((t - lo) / (hi - lo)).clamp_(0.0, 1.0)
+
+
+def _augment(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator, flip_channels: bool):
+    """Flips and 90-degree turns in-plane, reversed slice order, a small HU offset."""
+    if torch.rand(1, generator=gen) < 0.5:
+        x = x.flip(-1)
+        y = y.flip(-1) if y is not None else None
+    if torch.rand(1, generator=gen) < 0.5:
+        x = x.flip(-2)
+        y = y.flip(-2) if y is not None else None
+    if flip_channels and torch.rand(1, generator=gen) < 0.5:
+        x = x.flip(1)
+    k = int(torch.randint(0, 4, (1,), generator=gen))
+    if k:
+        x = torch.rot90(x, k, dims=(-2, -1))
+        y = torch.rot90(y, k, dims=(-2, -1)) if y is not None else None
+    x = (x + (torch.rand(x.shape[0], 1, 1, 1, generator=gen) - 0.5) * 0.03).clamp_(0.0, 1.0)
+    return x, y
+
+
+def _lr(step: int, steps: int, base: float) -> float:
+    warm = min(1.0, (step + 1) / 50)
+    return base * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def train_nodule(patches, masks, spec, steps: int, batch: int, seed: int):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = NoduleUNet(context=spec.input.context_slices)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    x_all = _windowed(patches, spec.input.hu_window)
+    y_all = torch.from_numpy(masks.astype(np.float32))[:, None]
+    n = len(x_all)
+    t0 = time.monotonic()
+    net.train()
+    for step in range(steps):
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        x, y = _augment(x_all[idx], y_all[idx], gen, flip_channels=True)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, 2e-3)
+        logits = net(x)
+        # plain BCE keeps the probabilities honest (a pos_weight made every vessel fork a
+        # certain nodule); a light Dice term keeps small nodules from vanishing
+        bce = F.binary_cross_entropy_with_logits(logits, y)
+        p = torch.sigmoid(logits)
+        dice = 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+        loss = bce + 0.3 * dice
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"  nodule step {step}/{steps} loss {loss.item():.4f} (bce {bce.item():.4f}, dice {dice.item():.3f}) {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    return net.eval()
+
+
+def train_triage(slices, labels, spec, steps: int, batch: int, seed: int):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = TriageCNN()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    x_all = _windowed(slices, spec.input.hu_window)
+    y_all = torch.from_numpy(labels.astype(np.float32))[:, None]
+    n = len(x_all)
+    t0 = time.monotonic()
+    net.train()
+    for step in range(steps):
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        x, _ = _augment(x_all[idx], None, gen, flip_channels=False)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, 2e-3)
+        loss = F.binary_cross_entropy_with_logits(net(x), y_all[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  triage step {step}/{steps} loss {loss.item():.4f} {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    return net.eval()
+
+
+def export(net, example: torch.Tensor, path: Path, input_name: str, output_name: str, spatial_dynamic: bool) -> float:
+    """ONNX export (opset 18, dynamic batch; dynamic rows/columns for fully convolutional
+    nets) and the largest difference to torch on the example, checked with ONNX Runtime."""
+    import onnxruntime as ort
+
+    wrapped = WithSigmoid(net).eval()
+    axes = {0: "batch"}
+    if spatial_dynamic:
+        axes.update({2: "rows", 3: "columns"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.onnx")
+    torch.onnx.export(
+        wrapped,
+        (example,),
+        str(tmp),
+        input_names=[input_name],
+        output_names=[output_name],
+        dynamic_axes={input_name: axes, output_name: axes},
+        opset_version=18,
+        dynamo=False,
+    )
+    os.replace(tmp, path)
+    with torch.no_grad():
+        ref = wrapped(example).numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {input_name: example.numpy()})[0]
+    return float(np.abs(got - ref).max())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m inference.training", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "models"), help="models folder to write into")
+    ap.add_argument("--phantoms", type=int, default=150, help="training phantoms (seeds from %d up)" % TRAIN_SEED_START)
+    ap.add_argument("--cache", default="var/training-cache", help="sample cache folder")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--nodule-steps", type=int, default=4000)
+    ap.add_argument("--triage-steps", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=1234, help="torch seed (weights, batches)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", choices=[NODULE, TRIAGE])
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    out = Path(args.out)
+    nodule = load_spec(out / NODULE) if (out / NODULE / "model.toml").exists() else find_model(NODULE)
+    triage = load_spec(out / TRIAGE) if (out / TRIAGE / "model.toml").exists() else find_model(TRIAGE)
+    seeds = range(TRAIN_SEED_START, TRAIN_SEED_START + args.phantoms)
+    print(f"phantoms: seeds {seeds.start}-{seeds.stop - 1}", file=sys.stderr)
+    patches, masks, slices, labels = build_dataset(seeds, nodule.input, triage.input, Path(args.cache), args.workers)
+    print(f"nodule patches {len(patches)} ({masks.reshape(len(masks), -1).max(1).mean():.0%} with nodule), triage slices {len(slices)} ({labels.mean():.0%} positive)", file=sys.stderr)
+    report = {"phantom_seeds": [seeds.start, seeds.stop - 1], "torch": torch.__version__}
+    if args.only in (None, NODULE):
+        net = train_nodule(patches, masks, nodule, args.nodule_steps, args.batch, args.seed)
+        example = _windowed(patches[:2], nodule.input.hu_window)
+        diff = export(net, example, out / NODULE / "model.onnx", nodule.input.name, nodule.output.name, True)
+        report[NODULE] = {"patches": int(len(patches)), "steps": args.nodule_steps, "onnx_max_abs_diff": diff,
+                          "parameters": sum(p.numel() for p in net.parameters())}
+        print(f"{NODULE}: exported, max |onnx - torch| = {diff:.2e}", file=sys.stderr)
+        torch.save(net.state_dict(), Path(args.cache) / f"{NODULE}.pt")
+    if args.only in (None, TRIAGE):
+        net = train_triage(slices, labels, triage, args.triage_steps, min(args.batch, 16), args.seed)
+        example = _windowed(slices[:2], triage.input.hu_window)
+        diff = export(net, example, out / TRIAGE / "model.onnx", triage.input.name, triage.output.name, False)
+        report[TRIAGE] = {"slices": int(len(slices)), "steps": args.triage_steps, "onnx_max_abs_diff": diff,
+                          "parameters": sum(p.numel() for p in net.parameters())}
+        print(f"{TRIAGE}: exported, max |onnx - torch| = {diff:.2e}", file=sys.stderr)
+        torch.save(net.state_dict(), Path(args.cache) / f"{TRIAGE}.pt")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
