@@ -9,6 +9,7 @@ therefore never name anything outside the spool.
 import hashlib
 import hmac
 import re
+import uuid
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_UID_LENGTH = 64  # PS3.5 Section 9.1
@@ -46,3 +47,19 @@ def study_key(study_uid: str, salt: bytes) -> str:
     """
     digest = hmac.new(salt, study_uid.encode("ascii"), hashlib.sha256).hexdigest()
     return digest[:16]
+
+
+_OUTPUT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/pacs-ai/pacs-ai/outputs")
+
+
+def derived_uid(*parts: object) -> str:
+    """A UID that is a pure function of ``parts``: ``2.25.<UUID as integer>`` (PS3.5
+    Section B.2) with a name-based UUID (RFC 9562 version 5) of the parts joined by NUL.
+
+    Outputs are named this way from (study UID, the input SOP Instance UIDs, model name
+    and version, what the object is), so rebuilding a result gives the same UIDs and a
+    PACS that receives it twice sees the same instances, not duplicates. Joining with a
+    separator keeps ("ab", "c") and ("a", "bc") apart.
+    """
+    name = "\x00".join(str(p) for p in parts)
+    return f"2.25.{uuid.uuid5(_OUTPUT_NAMESPACE, name).int}"
