@@ -11,6 +11,11 @@ import numpy as np
 class Finding:
     """One localised finding (a nodule) in the source volume's geometry.
 
+    ``diameter_mm`` is the long axis (maximal in-plane Feret diameter) and
+    ``short_axis_mm`` the longest extent perpendicular to it on the same slice; their mean
+    is the "mean diameter" Lung-RADS sizes nodules by. ``solid_component_mm`` is the mean
+    diameter of the part denser than the spec's ``solid_hu`` (the whole nodule for a
+    solid one, 0 for ground glass).
     ``center_index`` is the fractional source index ``(k, j, i)`` of the centre;
     ``slice_index`` the source slice through it (the image a report references and a key
     image shows). ``mask`` is the finding's region at source resolution inside the box that
@@ -30,6 +35,12 @@ class Finding:
     slice_index: int = 0
     mask: np.ndarray | None = field(default=None, repr=False)
     mask_offset: tuple[int, int, int] = (0, 0, 0)
+    short_axis_mm: float = 0.0
+    solid_component_mm: float = 0.0
+
+    @property
+    def mean_diameter_mm(self) -> float:
+        return (self.diameter_mm + (self.short_axis_mm or self.diameter_mm)) / 2
 
     def as_json(self) -> dict:
         """The ``findings.json`` entry (DESIGN.md section 5)."""
@@ -39,6 +50,9 @@ class Finding:
             "label": self.label,
             "center_lps_mm": [round(float(c), 2) for c in self.center_lps_mm],
             "diameter_mm": round(float(self.diameter_mm), 1),
+            "short_axis_mm": round(float(self.short_axis_mm), 1),
+            "mean_diameter_mm": round(float(self.mean_diameter_mm), 1),
+            "solid_component_mm": round(float(self.solid_component_mm), 1),
             "volume_mm3": round(float(self.volume_mm3), 1),
             "type": self.type,
             "probability": round(float(self.probability), 4),

@@ -7,7 +7,7 @@ import numpy as np
 from scipy import ndimage
 
 from .findings import Classification, Finding
-from .preprocess import Grid
+from .preprocess import Grid, lung_region
 from .spec import ModelSpec
 from .volume import Volume
 
@@ -18,19 +18,37 @@ not shrink to its most certain core, and scored by their highest probability."""
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
-def _long_axis_mm(mask2d: np.ndarray, row_mm: float, col_mm: float) -> float:
-    """Longest in-plane extent (maximal Feret diameter) of a region, in mm, counting each
-    pixel's full width (a single pixel measures one pixel, not zero)."""
+def axes_mm(mask2d: np.ndarray, row_mm: float, col_mm: float) -> tuple[float, float]:
+    """(long axis, short axis) of a region on one slice, in mm: the maximal Feret diameter
+    and the longest extent perpendicular to it, each counting a pixel's full width (one
+    pixel measures one pixel, not zero), as a radiologist's calipers would."""
     pts = np.argwhere(mask2d).astype(np.float64)
     if len(pts) == 0:
-        return 0.0
+        return 0.0, 0.0
     if len(pts) > 1500:  # only the outline can hold the extremes
         edge = mask2d & ~ndimage.binary_erosion(mask2d)
         pts = np.argwhere(edge).astype(np.float64)
     pts *= (row_mm, col_mm)
-    d = pts[:, None, :] - pts[None, :, :]
-    longest = float(np.sqrt((d**2).sum(-1)).max())
-    return longest + (row_mm + col_mm) / 2
+    d2 = ((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1)
+    a, b = np.unravel_index(int(d2.argmax()), d2.shape)
+    pixel = (row_mm + col_mm) / 2
+    longest = float(np.sqrt(d2[a, b]))
+    if longest == 0.0:
+        return pixel, pixel
+    u = (pts[b] - pts[a]) / longest
+    across = pts @ np.array([-u[1], u[0]])
+    return longest + pixel, float(across.max() - across.min()) + pixel
+
+
+def _largest_axes(mask3d: np.ndarray, row_mm: float, col_mm: float) -> tuple[float, float]:
+    """Long and short axis on the slice where the long axis is longest."""
+    best = (0.0, 0.0)
+    for k in range(mask3d.shape[0]):
+        if mask3d[k].any():
+            axes = axes_mm(mask3d[k], row_mm, col_mm)
+            if axes[0] > best[0]:
+                best = axes
+    return best
 
 
 def nodule_type(hu_values: np.ndarray, spec: ModelSpec) -> str:
@@ -71,7 +89,11 @@ def segmentation_findings(prob: np.ndarray, grid: Grid, volume: Volume, spec: Mo
     out = spec.output
     report_at = out.threshold if min_probability is None else min_probability
     cut = min(report_at, out.threshold) * CANDIDATE_FRACTION
-    labels, n = ndimage.label(prob >= cut, structure=_CONNECTIVITY)
+    candidates = prob >= cut
+    if out.within == "lungs":
+        ny, nx = prob.shape[1:]
+        candidates &= lung_region(grid.hu[:, :ny, :nx], grid.spacing)
+    labels, n = ndimage.label(candidates, structure=_CONNECTIVITY)
     if n == 0:
         return []
     voxel_mm3 = float(np.prod(grid.spacing))
@@ -97,10 +119,16 @@ def segmentation_findings(prob: np.ndarray, grid: Grid, volume: Volume, spec: Mo
         centre_grid += [s.start for s in box]
         centre_src = grid.to_source_index(centre_grid)
         centre = volume.index_to_lps(centre_src)
-        diameter = max(_long_axis_mm(region[k], grid.spacing[1], grid.spacing[2]) for k in range(region.shape[0]))
+        long_axis, short_axis = _largest_axes(region, grid.spacing[1], grid.spacing[2])
         mask, offset = _source_mask(region, box, grid, volume)
         sl = tuple(slice(o, o + s) for o, s in zip(offset, mask.shape))
-        hu_inside = volume.hu[sl][mask]
+        hu_box = volume.hu[sl]
+        hu_inside = hu_box[mask]
+        kind = nodule_type(hu_inside, spec)
+        solid = 0.0
+        if kind != "ground-glass":
+            # the solid component's mean diameter (Lung-RADS sizes part-solid nodules by it)
+            solid = float(np.mean(_largest_axes(mask & (hu_box > out.solid_hu), volume.spacing[1], volume.spacing[2])))
         k_src = int(np.clip(round(centre_src[0]), 0, volume.shape[0] - 1))
         findings.append(
             Finding(
@@ -108,15 +136,17 @@ def segmentation_findings(prob: np.ndarray, grid: Grid, volume: Volume, spec: Mo
                 model_version=spec.version,
                 label=spec.codes["finding"].meaning.lower() if "finding" in spec.codes else "finding",
                 center_lps_mm=tuple(float(c) for c in centre),
-                diameter_mm=diameter,
+                diameter_mm=long_axis,
                 volume_mm3=volume_mm3,
-                type=nodule_type(hu_inside, spec),
+                type=kind,
                 probability=score,
                 laterality="right" if centre[0] < midline_x else "left",
                 center_index=tuple(float(c) for c in centre_src),
                 slice_index=k_src,
                 mask=mask,
                 mask_offset=offset,
+                short_axis_mm=short_axis,
+                solid_component_mm=solid if kind == "part-solid" else (long_axis + short_axis) / 2 if kind == "solid" else 0.0,
             )
         )
     findings.sort(key=lambda f: -f.probability)

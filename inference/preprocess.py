@@ -82,6 +82,31 @@ def region_bbox(volume: Volume, region: str, margin_mm: float = 10.0) -> tuple[s
     return tuple(out)
 
 
+def lung_region(hu: np.ndarray, spacing, margin_mm: float = 6.0) -> np.ndarray:
+    """Where a lung finding may lie on a grid: the lungs with everything inside them
+    (vessels, nodules) and a margin for nodules on the pleura.
+
+    Lungs are the air (below -400 HU) not connected to the in-plane border of the grid,
+    i.e. not the air around the patient (the trachea may leave through the top or bottom
+    and still count), holes filled slice by slice, then grown by ``margin_mm``.
+    """
+    air = hu < LUNG_THRESHOLD_HU
+    labels, n = ndimage.label(air)
+    if n == 0:
+        return np.zeros(hu.shape, dtype=bool)
+    border = np.zeros(n + 1, dtype=bool)
+    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        border[np.unique(edge)] = True
+    border[0] = True
+    lungs = ~border[labels]
+    for k in range(lungs.shape[0]):
+        if lungs[k].any():
+            lungs[k] = ndimage.binary_fill_holes(lungs[k])
+    steps = [max(1, int(round(margin_mm / s))) for s in spacing]
+    structure = np.ones([2 * st + 1 for st in steps], dtype=bool)
+    return ndimage.binary_dilation(lungs, structure=structure)
+
+
 def resample(volume: Volume, bbox, spacing_mm, size=()) -> Grid:
     """Linear resampling of the box ``bbox`` to ``spacing_mm`` (0 keeps an axis), or of each
     slice to ``size`` (rows, columns), into an int16 grid."""

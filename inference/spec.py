@@ -91,6 +91,7 @@ class OutputSpec:
     solid_fraction: float = 0.5
     part_solid_fraction: float = 0.03
     max_findings: int = 20
+    within: str = "anywhere"  # "lungs": findings must lie in the lungs (or on the pleura)
     # classification
     aggregate: str = "max"
     label: str = ""
@@ -206,6 +207,8 @@ def load_spec(folder: str | Path) -> ModelSpec:
         raise SpecError(f"{where} [output].activation: 'sigmoid' or 'none'")
     if not 0.0 < out.threshold < 1.0:
         raise SpecError(f"{where} [output].threshold: between 0 and 1")
+    if out.within not in ("anywhere", "lungs"):
+        raise SpecError(f"{where} [output].within: 'anywhere' or 'lungs'")
     if out.aggregate not in AGGREGATES:
         raise SpecError(f"{where} [output].aggregate: one of {', '.join(AGGREGATES)}")
     codes = {}

@@ -205,3 +205,31 @@ def test_finding_json_has_the_documented_keys():
     f = Finding("m", "1", "nodule", (1.0, 2.0, 3.0), 5.0, 60.0, "solid", 0.9)
     assert set(f.as_json()) >= {"model", "model_version", "label", "center_lps_mm", "diameter_mm", "volume_mm3", "type", "probability"}
     assert f.slice_mask() is None
+
+
+def test_long_and_short_axis_of_an_ellipse_and_a_part_solid_core():
+    from inference.postprocess import axes_mm
+
+    j, i = np.indices((60, 60))
+    ellipse = ((j - 30) / 5.0) ** 2 + ((i - 30) / 10.0) ** 2 <= 1.0  # 21 x 11 pixels
+    long_axis, short_axis = axes_mm(ellipse, 0.5, 0.5)
+    assert long_axis == pytest.approx(10.5, abs=0.5) and short_axis == pytest.approx(5.5, abs=0.5)
+    # a tilted ellipse measures the same
+    jj, ii = (j - 30) * 0.8 + (i - 30) * 0.6, -(j - 30) * 0.6 + (i - 30) * 0.8
+    tilted = (jj / 5.0) ** 2 + (ii / 10.0) ** 2 <= 1.0
+    assert axes_mm(tilted, 0.5, 0.5) == pytest.approx((long_axis, short_axis), abs=0.8)
+
+    spec = find_model("lung-nodule-ct")
+    shape = (20, 60, 60)
+    hu = np.full(shape, -850, dtype=np.int16)
+    outer = _ball(shape, (10, 30, 30), 8)
+    core = _ball(shape, (10, 30, 30), 3)
+    hu[outer] = -550
+    hu[core] = 30
+    v = Volume(hu=hu, spacing=(1.0, 1.0, 1.0))
+    grid = Grid(hu=hu, offset=np.zeros(3), scale=np.ones(3), spacing=(1.0, 1.0, 1.0), valid=shape)
+    (f,) = segmentation_findings(outer.astype(np.float32) * 0.9, grid, v, spec)
+    assert f.type == "part-solid"
+    assert f.diameter_mm == pytest.approx(17, abs=1) and f.short_axis_mm == pytest.approx(17, abs=1)
+    assert f.solid_component_mm == pytest.approx(7, abs=1)
+    assert f.as_json()["mean_diameter_mm"] == pytest.approx(17, abs=1)
