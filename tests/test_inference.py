@@ -1,6 +1,7 @@
 """Model specs, preprocessing geometry and postprocessing on arrays whose answer is known."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -132,6 +133,11 @@ def test_lung_box_excludes_the_air_around_the_patient():
 
 
 # -- postprocessing ---------------------------------------------------------------------------
+def _anywhere(spec):
+    """The nodule spec without its lungs-only rule: these volumes are lung from edge to edge."""
+    return dataclasses.replace(spec, output=dataclasses.replace(spec.output, within="anywhere"))
+
+
 def _ball(shape, centre, radius_vox):
     idx = np.indices(shape).astype(np.float64)
     d = np.sqrt(sum((idx[a] - centre[a]) ** 2 for a in range(3)))
@@ -139,7 +145,7 @@ def _ball(shape, centre, radius_vox):
 
 
 def test_probability_blobs_become_findings_with_geometry():
-    spec = find_model("lung-nodule-ct")
+    spec = _anywhere(find_model("lung-nodule-ct"))
     shape = (30, 60, 60)
     hu = np.full(shape, -850, dtype=np.int16)
     solid = _ball(shape, (10, 20, 15), 5)  # 10 mm across at 1 mm
@@ -170,7 +176,7 @@ def test_probability_blobs_become_findings_with_geometry():
 
 
 def test_findings_on_a_resampled_grid_map_back_to_the_source():
-    spec = find_model("lung-nodule-ct")
+    spec = _anywhere(find_model("lung-nodule-ct"))
     shape = (40, 80, 80)
     hu = np.full(shape, -850, dtype=np.int16)
     ball = _ball(shape, (20, 40, 30), 6)
@@ -219,7 +225,7 @@ def test_long_and_short_axis_of_an_ellipse_and_a_part_solid_core():
     tilted = (jj / 5.0) ** 2 + (ii / 10.0) ** 2 <= 1.0
     assert axes_mm(tilted, 0.5, 0.5) == pytest.approx((long_axis, short_axis), abs=0.8)
 
-    spec = find_model("lung-nodule-ct")
+    spec = _anywhere(find_model("lung-nodule-ct"))
     shape = (20, 60, 60)
     hu = np.full(shape, -850, dtype=np.int16)
     outer = _ball(shape, (10, 30, 30), 8)
@@ -233,3 +239,26 @@ def test_long_and_short_axis_of_an_ellipse_and_a_part_solid_core():
     assert f.diameter_mm == pytest.approx(17, abs=1) and f.short_axis_mm == pytest.approx(17, abs=1)
     assert f.solid_component_mm == pytest.approx(7, abs=1)
     assert f.as_json()["mean_diameter_mm"] == pytest.approx(17, abs=1)
+
+
+def test_lung_nodules_must_lie_in_the_lungs():
+    """A body of soft tissue in air, one lung in it: a candidate in the lung (or on its
+    pleura) is kept, one in the chest wall, one in the air around the patient are not."""
+    spec = find_model("lung-nodule-ct")
+    assert spec.output.within == "lungs"
+    shape = (20, 80, 80)
+    hu = np.full(shape, -1000, dtype=np.int16)
+    k, j, i = np.indices(shape)
+    hu[(j - 40) ** 2 + (i - 40) ** 2 < 36**2] = 40  # body
+    hu[(j - 40) ** 2 + (i - 40) ** 2 < 22**2] = -850  # lung
+    v = Volume(hu=hu, spacing=(1.0, 1.0, 1.0))
+    grid = Grid(hu=hu, offset=np.zeros(3), scale=np.ones(3), spacing=(1.0, 1.0, 1.0), valid=shape)
+    prob = np.zeros(shape, dtype=np.float32)
+    for centre in ((10, 40, 40), (10, 40, 70), (10, 3, 3)):  # lung, chest wall, outside air
+        prob[_ball(shape, centre, 2.5)] = 0.9
+    found = segmentation_findings(prob, grid, v, spec)
+    assert [tuple(np.rint(f.center_index).astype(int)) for f in found] == [(10, 40, 40)]
+    # on the pleura: centre just outside the lung, within the margin
+    prob[:] = 0
+    prob[_ball(shape, (10, 40, 64), 2.5)] = 0.9
+    assert len(segmentation_findings(prob, grid, v, spec)) == 1
