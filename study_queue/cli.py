@@ -261,9 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.set_defaults(func=cmd_check_config)
 
-    from . import send_cmd
+    from . import analyze_cmd, engine_cmd, send_cmd
 
     send_cmd.register(sub)
+    analyze_cmd.register(sub)
+    engine_cmd.register(sub)
     return parser
 
 

@@ -66,7 +66,7 @@ class QueueSettings:
 @dataclass
 class InferenceSettings:
     engine: str = "auto"
-    models: list[str] = field(default_factory=lambda: ["lung-nodule-ct"])
+    models: list[str] = field(default_factory=lambda: ["lung-nodule-ct", "lung-triage-ct"])
     batch_size: int = 16
 
 

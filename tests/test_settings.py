@@ -63,7 +63,7 @@ def test_defaults_without_file_or_environment() -> None:
     assert s.peers == []
     assert s.delivery == DeliverySettings(return_to="sender", outbox="var/outbox", max_attempts=8)
     assert s.queue.broker_url == ""
-    assert s.inference == InferenceSettings(engine="auto", models=["lung-nodule-ct"], batch_size=16)
+    assert s.inference == InferenceSettings(engine="auto", models=["lung-nodule-ct", "lung-triage-ct"], batch_size=16)
     assert s.outputs == OutputsSettings(sr=True, key_images=True, seg=False)
     assert s.http == HttpSettings(bind="127.0.0.1", port=8110)
     # the defaults are themselves valid

@@ -115,3 +115,49 @@ def cached_samples(job) -> str:
         np.savez(tmp, patches=patches, masks=masks, slices=slices, labels=labels)
         os.replace(tmp, path)
     return str(path)
+
+
+def mined_negatives(job) -> str:
+    """Hard negatives of one training phantom: patches centred on what the current network
+    calls a nodule where there is none (vessel forks, vessel ends at the pleura, airway
+    walls). Saved as ``mined-N.npz`` in the cache folder."""
+    seed, model_dir, cache, threshold = job
+    path = Path(cache) / f"mined-{seed}.npz"
+    if path.exists():
+        return str(path)
+    from ..engines.onnxruntime_engine import OnnxRuntimeEngine
+    from ..pipeline import LoadedModel, run_model
+    from ..spec import load_spec
+
+    spec = load_spec(model_dir)
+    engine = OnnxRuntimeEngine(spec.onnx_path, threads=1)
+    ph = generate_phantom(seed, with_labels=True)
+    found, _ = run_model(LoadedModel(spec, engine), ph.volume, min_probability=threshold)
+    truth = [(np.asarray(n.center_lps_mm), n.diameter_mm / 2) for n in ph.nodules]
+    false = [f for f in found if all(np.linalg.norm(np.asarray(f.center_lps_mm) - c) > r + 3.0 for c, r in truth)]
+    bbox = region_bbox(ph.volume, spec.input.crop)
+    grid = prepare(ph.volume, spec.input)
+    lab = _pad_like(_labels_on(grid, ph.labels, bbox), grid.hu.shape)
+    half, ctx = PATCH // 2, spec.input.context_slices // 2
+    padded = np.pad(grid.hu, ((ctx, ctx), (half, half), (half, half)), mode="edge")
+    lab_p = np.pad(lab, ((0, 0), (half, half), (half, half)))
+    rng = np.random.default_rng(seed + 13)
+    patches, masks = [], []
+    for f in false:
+        centre = (np.asarray(f.center_index) - grid.offset) / grid.scale
+        for _ in range(2):  # two jittered views of each
+            k, j, i = np.rint(centre).astype(int) + [0, *rng.integers(-8, 9, size=2)]
+            k = int(np.clip(k, 0, grid.hu.shape[0] - 1))
+            j = int(np.clip(j, 0, grid.hu.shape[1] - 1))
+            i = int(np.clip(i, 0, grid.hu.shape[2] - 1))
+            patches.append(padded[k : k + 2 * ctx + 1, j : j + PATCH, i : i + PATCH])
+            masks.append(lab_p[k, j : j + PATCH, i : i + PATCH] > 0)
+    shape = (0, spec.input.context_slices, PATCH, PATCH)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(
+        tmp,
+        patches=np.stack(patches) if patches else np.zeros(shape, np.int16),
+        masks=np.stack(masks).astype(np.uint8) if masks else np.zeros((0, PATCH, PATCH), np.uint8),
+    )
+    os.replace(tmp, path)
+    return str(path)
