@@ -116,6 +116,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             sr_enabled=settings.outputs.sr,
             key_images_enabled=settings.outputs.key_images,
             seg_enabled=settings.outputs.seg or args.seg,
+            max_key_images=settings.outputs.max_key_images,
             content_datetime=_inputs_datetime(args.paths),
         )
     except (DicomNodeError, OutputInvalid) as exc:

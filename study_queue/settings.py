@@ -75,6 +75,7 @@ class OutputsSettings:
     sr: bool = True
     key_images: bool = True
     seg: bool = False
+    max_key_images: int = 5  # key images per study, the most probable findings first
 
 
 @dataclass
@@ -240,6 +241,8 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("queue.broker_url: must be empty (embedded) or a redis:// or rediss:// URL")
     if s.inference.engine not in ("auto", "tensorrt", "onnxruntime"):
         raise ConfigError(f"inference.engine: must be auto, tensorrt or onnxruntime, got {s.inference.engine!r}")
+    if not 1 <= s.outputs.max_key_images <= 50:
+        raise ConfigError(f"outputs.max_key_images: between 1 and 50, got {s.outputs.max_key_images}")
     if s.inference.batch_size < 1:
         raise ConfigError(f"inference.batch_size: must be at least 1, got {s.inference.batch_size}")
     _check_port("http.port", s.http.port, allow_zero=True)

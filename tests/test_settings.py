@@ -231,6 +231,7 @@ RULES: list[tuple[str, str, str]] = [
     ("broker-url-scheme", '[queue]\nbroker_url = "amqp://guest@host//"\n', "queue.broker_url"),
     ("engine-unknown", '[inference]\nengine = "tpu"\n', "inference.engine"),
     ("batch-size-zero", "[inference]\nbatch_size = 0\n", "inference.batch_size"),
+    ("key-images-zero", "[outputs]\nmax_key_images = 0\n", "outputs.max_key_images"),
     ("log-level-unknown", '[node]\nlog_level = "LOUD"\n', "node.log_level"),
     ("tls-key-without-cert", '[node]\ntls_key = "key.pem"\n', "node.tls_key"),
     ("tls-ca-without-cert", '[node]\ntls_ca = "ca.pem"\n', "node.tls_ca"),
