@@ -918,14 +918,17 @@ class ProgressBar:
         if done < total and now - self._last_draw < self._min_interval:
             return
         self._last_draw = now
-        width = shutil.get_terminal_size((80, 20)).columns
         elapsed = now - self._started
         rate = done / elapsed if elapsed > 0 else 0.0
-        text = f" {done}/{total} {rate:.0f}/s"
-        bar_width = max(10, width - len(self.label) - len(text) - 4)
-        filled = bar_width if total == 0 else int(bar_width * done / total)
+        self.draw(done, total, f" {done}/{total} {rate:.0f}/s")
+
+    def draw(self, done: int, total: int, text: str) -> None:
+        """Redraw the line: the label, a bar ``done/total`` full, then ``text``."""
+        width = shutil.get_terminal_size((80, 20)).columns
+        bar_width = max(10, min(40, width - len(self.label) - len(text) - 4))
+        filled = bar_width if total == 0 else int(bar_width * min(done, total) / total)
         line = f"{self.label} [{'#' * filled}{'.' * (bar_width - filled)}]{text}"
-        self.stream.write("\r" + line[: width - 1])
+        self.stream.write("\r" + line[: width - 1].ljust(width - 1))
         self.stream.flush()
         self._drawn = True
 

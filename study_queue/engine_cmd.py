@@ -19,8 +19,6 @@ cache builds one itself, which delays its first study by minutes.
 from __future__ import annotations
 
 import argparse
-import math
-import shutil
 import sys
 import threading
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import TextIO
 
 import inference
+from dicom_node.sender import ProgressBar
 from inference.engines.errors import EngineError, EngineUnavailable
 
 from .errors import UsageError
@@ -117,8 +116,8 @@ def resolve_model(text: str, models_dir: Path | None = None) -> Path:
     raise UsageError(f"MODEL: {text!r} is no model name, .onnx file or model folder ({known})")
 
 
-class BuildProgressBar:
-    """TensorRT's build progress as one line on stderr.
+class BuildProgressBar(ProgressBar):
+    """TensorRT's build progress as one line on stderr (the sender's bar, drawn per phase).
 
     TensorRT reports nested phases, each with a number of steps; the bar
     follows the outermost phase and the label names the innermost one, e.g.
@@ -129,27 +128,10 @@ class BuildProgressBar:
     """
 
     def __init__(self, label: str = "building engine", stream: TextIO | None = None, min_interval: float = 0.1) -> None:
-        self.label = label
-        self._stream = stream
-        self._min_interval = min_interval
+        super().__init__(label, stream, min_interval)
         self._lock = threading.Lock()
         self._phases: list[list] = []  # [name, steps, done], outermost first
-        self._started = time.monotonic()
-        self._last_draw = -math.inf
-        self._drawn = False
         self.phases_seen = 0
-
-    @property
-    def stream(self) -> TextIO:
-        return self._stream if self._stream is not None else sys.stderr
-
-    @property
-    def enabled(self) -> bool:
-        isatty = getattr(self.stream, "isatty", None)
-        try:
-            return bool(isatty and isatty())
-        except (ValueError, OSError):
-            return False
 
     def phase_start(self, name: str, parent: str | None, num_steps: int) -> None:
         with self._lock:
@@ -189,28 +171,14 @@ class BuildProgressBar:
             return
         self._last_draw = now
         _, total, done = self._phases[0]
-        inner = self._phases[-1][0]
-        width = shutil.get_terminal_size((80, 20)).columns
-        text = f" {done}/{total} {inner}  {now - self._started:.0f}s"
-        bar_width = max(10, min(40, width - len(self.label) - len(text) - 4))
-        filled = bar_width if total == 0 else int(bar_width * min(done, total) / total)
-        line = f"{self.label} [{'#' * filled}{'.' * (bar_width - filled)}]{text}"
-        self.stream.write("\r" + line[: width - 1].ljust(width - 1))
-        self.stream.flush()
-        self._drawn = True
+        self.draw(done, total, f" {done}/{total} {self._phases[-1][0]}  {now - self._started:.0f}s")
 
     def close(self) -> None:
         with self._lock:
-            if self._drawn:
-                self.stream.write("\n")
-                self.stream.flush()
-                self._drawn = False
+            super().close()
 
     def __enter__(self) -> "BuildProgressBar":
         return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 def _fail(message: str) -> int:
