@@ -54,7 +54,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
-from .uids import derived_uid
+from .uids import output_uids
 
 #: Lung window (centre, width) in HU.
 LUNG_WINDOW = (-600.0, 1500.0)
@@ -92,12 +92,10 @@ SOFTWARE_VERSION = installed_version()
 # --- shared with dicom_node.seg --------------------------------------------------------------
 
 
-def output_uid(source: Any, model_name: str, model_version: str, *what: object) -> str:
-    """A UID derived from (study UID, the input SOP Instance UIDs, model name, version, ``what``).
-
-    The input UIDs are sorted, so the order the files arrived in does not matter.
-    """
-    return derived_uid(source.study_uid, *sorted(source.sop_instance_uids), model_name, model_version, *what)
+def result_uids(source: Any, model_name: str, model_version: str, uids: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The given UIDs of a result, or those :func:`dicom_node.uids.output_uids` derives
+    for it (one place names every output of a result)."""
+    return uids if uids is not None else output_uids(source.study_uid, source.sop_instance_uids, model_name, model_version)
 
 
 def output_datetime(content_datetime: _dt.datetime | None) -> _dt.datetime:
@@ -322,14 +320,15 @@ def build_key_images(
     ``spacing``, ``direction``, ``header``, ``source_images``, ``study_uid``,
     ``sop_instance_uids``, ``body_part``). Instance Number is the rank
     (1 = most probable). Returns an empty list when there is nothing to show.
-    ``uids``: the result's UIDs from one place (``dicom_node.sr.output_uids``:
+    ``uids``: the result's UIDs from one place (``dicom_node.uids.output_uids``:
     ``sc_series`` and ``sc_instance(n)``); without it they are derived here.
     """
     chosen = ranked_findings(findings, max_images)
     if not chosen:
         return []
     when = output_datetime(content_datetime)
-    series_uid = uids["sc_series"] if uids else output_uid(source, model_name, model_version, "sc-series")
+    uids = result_uids(source, model_name, model_version, uids)
+    series_uid = uids["sc_series"]
     description = series_description(model_name, model_version, "key images")
     orientation = patient_orientation(source.direction)
     slice_spacing = (float(source.spacing[1]), float(source.spacing[2]))
@@ -354,7 +353,7 @@ def build_key_images(
             series_instance_uid=series_uid,
             series_number=series_number,
             sop_instance_uid=(
-                uids["sc_instance"](rank) if uids else output_uid(source, model_name, model_version, "sc", rank)
+                uids["sc_instance"](rank)
             ),
             instance_number=rank,
             manufacturer=manufacturer,
@@ -412,11 +411,12 @@ def build_kos(
     referenced = list(key_images) + ([sr] if sr is not None else [])
     if not referenced:
         raise ValueError("a Key Object Selection needs at least one key image or SR to reference")
+    uids = result_uids(source, model_name, model_version, uids)
     when = output_datetime(content_datetime)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=output_uid(source, model_name, model_version, "ko-device"),
+            uid=uids["kos_device"],
             name=clip_lo(model_name),
             model_name=clip_lo(f"{model_name} {model_version}"),
         ),
@@ -430,9 +430,9 @@ def build_kos(
     kos = hd.ko.KeyObjectSelectionDocument(
         evidence=referenced,
         content=content,
-        series_instance_uid=uids["kos_series"] if uids else output_uid(source, model_name, model_version, "ko-series"),
+        series_instance_uid=uids["kos_series"],
         series_number=series_number,
-        sop_instance_uid=uids["kos_instance"] if uids else output_uid(source, model_name, model_version, "ko"),
+        sop_instance_uid=uids["kos_instance"],
         instance_number=1,
         manufacturer=manufacturer,
         series_description=series_description(model_name, model_version, "key objects"),

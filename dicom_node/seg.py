@@ -52,7 +52,7 @@ from .key_images import (
     clip_lo,
     copy_body_part,
     output_datetime,
-    output_uid,
+    result_uids,
     series_description,
     stamp_datetimes,
 )
@@ -145,7 +145,7 @@ def build_seg(
     ``mask`` lies at source resolution in the box starting at ``mask_offset``
     (source ``k, j, i``). Segments are numbered by class (see the module
     docstring); highdicom orders the frames by segment, then by its position dimension index.
-    ``uids``: the result's UIDs from one place (``dicom_node.sr.output_uids``:
+    ``uids``: the result's UIDs from one place (``dicom_node.uids.output_uids``:
     ``seg_series``, ``seg_instance``); without it they are derived here.
     """
     shape = tuple(int(v) for v in source.hu.shape)
@@ -156,6 +156,7 @@ def build_seg(
             classes.setdefault(segment_label(finding), []).append(placed)
     if not classes:
         return None
+    uids = result_uids(source, model_name, model_version, uids)
     labels = sorted(classes, key=_class_order)
     touched = {
         label: [(kk.start + int(r), part[r], jj, ii) for part, (kk, jj, ii) in parts for r in _occupied(part)]
@@ -192,9 +193,9 @@ def build_seg(
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=uids["seg_series"] if uids else output_uid(source, model_name, model_version, "seg-series"),
+        series_instance_uid=uids["seg_series"],
         series_number=series_number,
-        sop_instance_uid=uids["seg_instance"] if uids else output_uid(source, model_name, model_version, "seg"),
+        sop_instance_uid=uids["seg_instance"],
         instance_number=1,
         manufacturer=manufacturer,
         manufacturer_model_name=clip_lo(model_name),
@@ -212,7 +213,7 @@ def build_seg(
     stamp_datetimes(seg, when)
     copy_body_part(source, seg)
     # highdicom mints a random Dimension Organization UID; a rebuild must not differ.
-    dim_uid = output_uid(source, model_name, model_version, "seg-dimension-organization")
+    dim_uid = uids["seg_dimension_organization"]
     for item in seg.get("DimensionOrganizationSequence", []):
         item.DimensionOrganizationUID = dim_uid
     for item in seg.get("DimensionIndexSequence", []):

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import hashlib
 import logging
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -63,7 +62,7 @@ from skimage.measure import approximate_polygon, find_contours
 
 from .errors import DicomNodeError
 from .series import LoadedSeries
-from .uids import derived_uid
+from .uids import derived_uid, output_uids  # noqa: F401  (output_uids: part of this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -240,41 +239,6 @@ def _as_code(given: Any) -> Code:
         return Code(str(given.value), str(scheme), str(given.meaning))
     value, scheme, meaning = given
     return Code(str(value), str(scheme), str(meaning))
-
-
-def output_uids(
-    study_uid: str,
-    source_sop_instance_uids: Iterable[str],
-    model_name: str,
-    model_version: str,
-) -> dict[str, Any]:
-    """Every UID of a result, derived from what produced it (DESIGN.md section 4).
-
-    The input is a *set*: order and repetition of ``source_sop_instance_uids`` do not
-    matter, any instance more or less does. Keys: ``sr_series``, ``sr_instance``,
-    ``sc_series``, ``seg_series``, ``seg_instance``, ``kos_series``, ``kos_instance``
-    (strings), ``sc_instance`` (a function of the key image's number) and ``tracking`` (a
-    function of a group's key: the finding's number, or "study" and "triage" for the
-    study-level groups).
-    """
-    inputs = "\n".join(sorted({str(u) for u in source_sop_instance_uids}))
-    digest = hashlib.sha256(inputs.encode("ascii")).hexdigest()
-    base = (str(study_uid), digest, str(model_name), str(model_version))
-
-    def uid(*what: object) -> str:
-        return derived_uid(*base, *what)
-
-    return {
-        "sr_series": uid("sr", "series"),
-        "sr_instance": uid("sr", "instance"),
-        "sc_series": uid("sc", "series"),
-        "sc_instance": lambda n: uid("sc", "instance", int(n)),
-        "seg_series": uid("seg", "series"),
-        "seg_instance": uid("seg", "instance"),
-        "kos_series": uid("kos", "series"),
-        "kos_instance": uid("kos", "instance"),
-        "tracking": lambda key: uid("tracking", key),
-    }
 
 
 def finding_polygon(finding: Any, source: LoadedSeries) -> np.ndarray:

@@ -63,3 +63,40 @@ def derived_uid(*parts: object) -> str:
     """
     name = "\x00".join(str(p) for p in parts)
     return f"2.25.{uuid.uuid5(_OUTPUT_NAMESPACE, name).int}"
+
+
+def output_uids(
+    study_uid: str,
+    source_sop_instance_uids,
+    model_name: str,
+    model_version: str,
+) -> dict:
+    """Every UID of a result, derived from what produced it (DESIGN.md section 4).
+
+    The input is a *set*: order and repetition of ``source_sop_instance_uids`` do not
+    matter, any instance more or less does. Keys: ``sr_series``, ``sr_instance``,
+    ``sc_series``, ``seg_series``, ``seg_instance``, ``kos_series``, ``kos_instance``
+    (strings), ``sc_instance`` (a function of the key image's number) and ``tracking`` (a
+    function of a group's key: the finding's number, or "study" and "triage" for the
+    study-level groups).
+    """
+    inputs = "\n".join(sorted({str(u) for u in source_sop_instance_uids}))
+    digest = hashlib.sha256(inputs.encode("ascii")).hexdigest()
+    base = (str(study_uid), digest, str(model_name), str(model_version))
+
+    def uid(*what: object) -> str:
+        return derived_uid(*base, *what)
+
+    return {
+        "sr_series": uid("sr", "series"),
+        "sr_instance": uid("sr", "instance"),
+        "sc_series": uid("sc", "series"),
+        "sc_instance": lambda n: uid("sc", "instance", int(n)),
+        "seg_series": uid("seg", "series"),
+        "seg_instance": uid("seg", "instance"),
+        "kos_series": uid("kos", "series"),
+        "kos_instance": uid("kos", "instance"),
+        "kos_device": uid("kos", "device"),
+        "seg_dimension_organization": uid("seg", "dimension-organization"),
+        "tracking": lambda key: uid("tracking", key),
+    }

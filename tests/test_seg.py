@@ -204,11 +204,12 @@ def test_five_findings_key_images_and_seg_within_a_second_when_warm(chest_sized_
 
 
 def test_uids_given_from_one_place_are_used(two_nodule_ct):
-    """The worker may hand every builder the result's UIDs (dicom_node.sr.output_uids) instead."""
+    """The worker may hand every builder the result's UIDs (dicom_node.uids.output_uids) instead."""
     source, solid, _ = two_nodule_ct
     uids = {
         "sc_series": "2.25.11", "sc_instance": lambda n: f"2.25.12{n}",
         "seg_series": "2.25.21", "seg_instance": "2.25.22", "kos_series": "2.25.31", "kos_instance": "2.25.32",
+        "kos_device": "2.25.33", "seg_dimension_organization": "2.25.23",
     }
     kwargs = {"model_name": MODEL, "model_version": VERSION, "uids": uids}
     (sc,) = build_key_images(source, [finding_of(solid)], **kwargs)
