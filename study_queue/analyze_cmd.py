@@ -161,7 +161,7 @@ def register(sub) -> None:
     p.add_argument("--slices", type=_positive_int, help="number of slices (default: 80 to 400, drawn from the seed)")
     p.set_defaults(func=cmd_phantom)
 
-    p = sub.add_parser("analyze", help="run the models on DICOM files or folders and write findings.json (no network)")
+    p = sub.add_parser("analyze", help="run the models on DICOM files or folders; write the SR, key images and findings.json (no network)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders of one study")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for findings.json and the outputs")
     p.add_argument("--model", action="append", metavar="NAME", help="model to run (repeatable; default: inference.models)")
