@@ -2,8 +2,8 @@
 postprocessing, with the time each stage took.
 
 The composition root (``study_queue``) loads the models once per process
-(:func:`load_models`) and calls :func:`analyze_volume` for every study; the engines stay
-warm between studies.
+(:func:`load_models`) and calls :func:`run_model` for each model on the series its
+selector picked; the engines stay warm between studies.
 
 Memory: beside the caller's int16 volume, a model holds its int16 grid (cropped and
 resampled, smaller than the volume), one float32 batch and a float16 probability map on
@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from .engines import Engine, load_engine
-from .findings import Classification, Finding
 from .postprocess import classification, segmentation_findings
 from .preprocess import batches, prepare
 from .spec import ModelSpec, find_model
@@ -31,14 +30,6 @@ log = logging.getLogger("pacs_ai.inference")
 class LoadedModel:
     spec: ModelSpec
     engine: Engine
-
-
-@dataclass
-class PipelineResult:
-    findings: list[Finding] = field(default_factory=list)
-    classifications: list[Classification] = field(default_factory=list)
-    timings_s: dict[str, float] = field(default_factory=dict)
-    models: list[tuple[str, str, str]] = field(default_factory=list)  # (name, version, engine)
 
 
 def load_models(names, engine: str = "auto", threads: int = 2, search=None, **engine_options) -> list[LoadedModel]:
@@ -85,20 +76,3 @@ def run_model(model: LoadedModel, volume: Volume, batch_size: int = 16, min_prob
     timings[f"infer:{spec.name}"] = t2 - t1
     timings[f"postprocess:{spec.name}"] = t3 - t2
     return result, timings
-
-
-def analyze_volume(volume: Volume, models: list[LoadedModel], batch_size: int = 16) -> PipelineResult:
-    """Every given model on the volume (the caller has matched their selectors)."""
-    result = PipelineResult()
-    for model in models:
-        out, timings = run_model(model, volume, batch_size)
-        result.timings_s.update({k: round(v, 4) for k, v in timings.items()})
-        result.models.append((model.spec.name, model.spec.version, model.engine.name))
-        if isinstance(out, Classification):
-            result.classifications.append(out)
-        else:
-            result.findings.extend(out)
-        log.info("%s %s: %s in %.2f s", model.spec.name, model.spec.version,
-                 f"{len(out)} finding(s)" if isinstance(out, list) else f"probability {out.probability:.3f}",
-                 sum(timings.values()))
-    return result

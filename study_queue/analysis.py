@@ -29,6 +29,7 @@ class StudyAnalysis:
     model_series: dict[str, str] = field(default_factory=dict)  # model name -> series UID it ran on
     skipped: dict[str, list[str]] = field(default_factory=dict)  # model name -> why no series matched
     models: list[tuple[str, str, str]] = field(default_factory=list)  # (name, version, engine)
+    specs: dict[str, ModelSpec] = field(default_factory=dict)  # model name -> its spec, for the reports
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -72,6 +73,7 @@ def analyze_paths(paths, models: list[LoadedModel], batch_size: int = 16) -> Stu
         analysis.timings_s.update({k: round(v, 4) for k, v in timings.items()})
         analysis.model_series[model.spec.name] = info.series_uid
         analysis.models.append((model.spec.name, model.spec.version, model.engine.name))
+        analysis.specs[model.spec.name] = model.spec
         if isinstance(out, Classification):
             analysis.classifications.append(out)
         else:

@@ -25,15 +25,15 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-import inference
 from dicom_node.sender import ProgressBar
 from inference.engines.errors import EngineError, EngineUnavailable
+from inference.spec import MODELS_DIR as spec_models_dir
 
 from .errors import UsageError
 
 PROG = "pacs-ai"
-MODELS_DIR = Path(inference.__file__).resolve().parent / "models"
-"""Where model folders live: ``inference/models/<name>/model.onnx``."""
+MODELS_DIR = spec_models_dir
+"""Where model folders live: ``inference/models/<name>/model.onnx`` (the specs' folder)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

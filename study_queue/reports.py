@@ -14,7 +14,6 @@ from pydicom.dataset import Dataset
 
 from dicom_node import key_images, lung_rads, seg, sr
 from dicom_node.validate import require_valid
-from inference.spec import find_model
 
 from .analysis import StudyAnalysis
 
@@ -46,11 +45,7 @@ class Report:
 
 def _primary(analysis: StudyAnalysis):
     """The model whose findings the report carries: the first segmentation model that ran."""
-    for name, version, _engine in analysis.models:
-        spec = find_model(name)
-        if spec.task == "segmentation":
-            return spec
-    return None
+    return next((spec for spec in analysis.specs.values() if spec.task == "segmentation"), None)
 
 
 def build_report(
