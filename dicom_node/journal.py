@@ -535,6 +535,15 @@ class Journal:
         ).fetchall()
 
     @_locked
+    def completed_at(self, key: str, run: int) -> float | None:
+        """When run ``run`` of the study became COMPLETE (the first time)."""
+        row = self._conn().execute(
+            "SELECT MIN(at) FROM history WHERE study_key = ? AND run = ? AND to_state = ?",
+            (key, run, COMPLETE),
+        ).fetchone()
+        return row[0] if row else None
+
+    @_locked
     def series(self, key: str) -> list[dict[str, Any]]:
         """Series of a study with their instance counts and modality."""
         rows = self._conn().execute(

@@ -83,11 +83,10 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from dicom_node.errors import DicomNodeError
+    from dicom_node.validate import OutputInvalid
     from inference.engines import EngineError
     from inference.pipeline import load_models
     from inference.spec import SpecError
-
-    from dicom_node.validate import OutputInvalid
 
     from .analysis import AnalysisError, analyze_paths, findings_document
     from .cli import _settings

@@ -41,8 +41,9 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(getattr(args, "config", None), overrides={"node": node})
 
 
-def setup_logging(level: str = "INFO", spool: str | None = None) -> None:
-    """Human-readable lines on stderr and, with a spool, in spool/logs/."""
+def setup_logging(level: str = "INFO", spool: str | None = None, filename: str = "pacs-ai.log") -> None:
+    """Human-readable lines on stderr and, with a spool, in spool/logs/``filename`` (one file
+    per process kind and host: several processes never rotate the same file)."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -54,16 +55,21 @@ def setup_logging(level: str = "INFO", spool: str | None = None) -> None:
         logs = Path(spool) / "logs"
         logs.mkdir(parents=True, exist_ok=True, mode=0o700)
         fh = logging.handlers.RotatingFileHandler(
-            logs / "pacs-ai.log", maxBytes=10 * 1024 * 1024, backupCount=5
+            logs / filename, maxBytes=10 * 1024 * 1024, backupCount=5
         )
         fh.setFormatter(formatter)
         root.addHandler(fh)
         try:
-            os.chmod(logs / "pacs-ai.log", 0o600)
+            os.chmod(logs / filename, 0o600)
         except OSError:
             pass
     root.setLevel(level.upper())
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Celery's INFO lines name every task message's id; its warnings and errors are kept.
+    logging.getLogger("celery").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("kombu").setLevel(max(logging.WARNING, root.level))
+    # highdicom logs every module it copies, with the source's UIDs, at INFO.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))
 
 
 def _age(seconds: float) -> str:
@@ -144,8 +150,20 @@ def check_tls(settings: Settings) -> None:
     make_ssl_context(scp_config(settings))
 
 
-def cmd_node(args: argparse.Namespace) -> int:
+def _forward(args: argparse.Namespace) -> list[str]:
+    """The options a child ``pacs-ai worker`` needs to see the same settings."""
+    out: list[str] = []
+    for flag, attr in (("--config", "config"), ("--spool", "spool"), ("--ae-title", "ae_title"), ("--port", "port")):
+        value = getattr(args, attr, None)
+        if value is not None:
+            out += [flag, str(Path(value).resolve()) if attr in ("config", "spool") else str(value)]
+    return out
+
+
+def _node(args: argparse.Namespace, inference: bool) -> int:
     from dicom_node.node import Node
+
+    from .services import serve_node
 
     settings = _settings(args)
     n = settings.node
@@ -156,6 +174,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"node.spool: cannot create {n.spool!r}: {exc.strerror}") from None
     setup_logging(n.log_level, n.spool)
+    if inference:
+        _check_models(settings)
     node = Node(
         cfg,
         bind=n.bind,
@@ -170,7 +190,98 @@ def cmd_node(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"{PROG}: error: node.port: cannot listen on {n.bind}:{n.port}: {exc.strerror}", file=sys.stderr)
         return 1
-    node.wait()
+    return serve_node(settings, node, _forward(args), inference=inference)
+
+
+def _check_models(settings: Settings) -> None:
+    """Every configured model has a spec that loads: else one line now, not a worker crash loop."""
+    from inference.spec import SpecError, find_model
+
+    for name in settings.inference.models:
+        try:
+            find_model(name)
+        except SpecError as exc:
+            raise ConfigError(f"inference.models: {exc}") from None
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    return _node(args, inference=False)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _node(args, inference=True)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import socket
+
+    from .celery_app import DELIVERY_QUEUE, INFERENCE_QUEUE
+    from .services import serve_worker
+
+    settings = _settings(args)
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = [q for q in queues if q not in (INFERENCE_QUEUE, DELIVERY_QUEUE)]
+    if not queues or unknown:
+        raise UsageError(f"--queues: {', '.join(unknown) or 'none given'}: the queues are inference and delivery")
+    if args.concurrency < 1:
+        raise UsageError("--concurrency: at least 1")
+    if INFERENCE_QUEUE in queues:
+        _check_models(settings)
+    n = settings.node
+    try:
+        Path(n.spool).mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"node.spool: cannot create {n.spool!r}: {exc.strerror}") from None
+    setup_logging(n.log_level, n.spool, filename=f"worker-{'+'.join(queues)}-{socket.gethostname()}.log")
+    return serve_worker(settings, queues, args.concurrency, n.log_level.upper())
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from dicom_node.journal import ANALYZED, FAILED, QUEUED, UnknownStudy
+
+    from .celery_app import ANALYZE, DELIVER, BrokerUnavailable, make_app, publish
+    from .dispatch import analyze_message
+    from .workdir import WorkDir
+
+    if bool(args.study) == bool(args.failed):
+        raise UsageError("give a STUDY_KEY or --failed (every FAILED study)")
+    settings = _settings(args)
+    journal = _open_journal(settings)
+    root = Path(settings.node.spool).resolve()
+    if args.study:
+        try:
+            studies = [journal.get(args.study)]
+        except UnknownStudy:
+            raise UsageError(f"STUDY_KEY: no study with key {args.study!r}") from None
+        if studies[0].state not in (FAILED, ANALYZED):
+            raise UsageError(f"study {args.study} is {studies[0].state}: only FAILED (or stuck ANALYZED) studies are retried")
+    else:
+        studies = journal.studies([FAILED])
+    app = make_app(settings)
+    for study in studies:
+        work = WorkDir(root, study.study_key, study.run)
+        result = work.read_result()
+        if result and result.get("outcome") == "analyzed" and all((root / p).is_file() for p in result["outputs"]):
+            if study.state == FAILED:
+                study = journal.transition(study.study_key, ANALYZED, "retry requested: delivering again",
+                                           expect_state=FAILED, expect_run=study.run, attempts=0,
+                                           outputs=result["outputs"], model=result.get("model"),
+                                           model_version=result.get("model_version"))
+            task, message, what = DELIVER, result, "delivery queued"
+        else:
+            if result is not None:
+                work.result_path.unlink()  # failed or ignored before: compute again
+            work.clear_heartbeat()
+            study = journal.transition(study.study_key, QUEUED, "retry requested: analysing again",
+                                       expect_state=(FAILED, ANALYZED), expect_run=study.run, attempts=0)
+            task, message, what = ANALYZE, analyze_message(settings, journal, study, root), "analysis queued"
+        try:
+            publish(app, task, message)
+        except BrokerUnavailable:
+            what += " (broker unreachable: the node queues it when it is back)"
+        print(f"{study.study_key}: {what}")
+    if not studies:
+        print("no FAILED studies")
     return 0
 
 
@@ -246,9 +357,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("node", help="run the DICOM node (C-STORE/C-ECHO SCP, journal, completion)")
+    p = sub.add_parser("run", help="run the node and a worker on this machine (embedded broker unless queue.broker_url)")
+    _common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("node", help="run the DICOM node (SCP, journal, completion, dispatch, delivery) without a worker")
     _common(p)
     p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("worker", help="run a Celery worker (inference queue by default) for a node sharing the spool")
+    _common(p)
+    p.add_argument("--queues", default="inference", help="comma-separated: inference, delivery (default inference)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="studies at a time (default 1: the solo pool, one process per GPU; more: prefork)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("retry", help="replay a FAILED study (delivery, or analysis if it has no outputs)")
+    _common(p, overrides=False)
+    p.add_argument("study", nargs="?", metavar="STUDY_KEY", help="the study's key (pacs-ai status lists them)")
+    p.add_argument("--failed", action="store_true", help="every FAILED study")
+    p.set_defaults(func=cmd_retry)
 
     p = sub.add_parser("status", help="list studies in the journal, or one study's history")
     _common(p, overrides=False)
@@ -272,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.func is not cmd_node:
+        if args.func not in (cmd_node, cmd_run, cmd_worker):
             setup_logging("WARNING")  # warnings of echo/send/status as plain lines
             # pynetdicom's own errors repeat what the one-line error says
             logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)

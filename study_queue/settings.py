@@ -56,11 +56,18 @@ class DeliverySettings:
     return_to: str = "sender"
     outbox: str = "var/outbox"
     max_attempts: int = 8
+    backoff_initial: float = 10.0  # seconds before the 2nd attempt; doubles each time
+    backoff_max: float = 600.0  # the cap of the doubling
+    timeout: float = 30.0  # connect, negotiate, and wait for each C-STORE response
 
 
 @dataclass
 class QueueSettings:
     broker_url: str = ""
+    tls_ca: str = ""  # CA certificate(s) for a rediss:// broker; empty = the system's
+    stale_after: float = 120.0  # a queued study no worker has taken is queued again after this
+    max_attempts: int = 3  # analyses that die (worker killed, crash) before the study is FAILED
+    visibility_timeout: float = 7200.0  # Redis: an unacknowledged message is redelivered after this
 
 
 @dataclass
@@ -68,6 +75,7 @@ class InferenceSettings:
     engine: str = "auto"
     models: list[str] = field(default_factory=lambda: ["lung-nodule-ct", "lung-triage-ct"])
     batch_size: int = 16
+    threads: int = 2  # ONNX Runtime intra-op threads per worker process
 
 
 @dataclass
@@ -237,8 +245,20 @@ def validate(s: Settings) -> Settings:
         )
     if d.max_attempts < 1:
         raise ConfigError(f"delivery.max_attempts: must be at least 1, got {d.max_attempts}")
-    if s.queue.broker_url and not s.queue.broker_url.split("://")[0] in ("redis", "rediss", "filesystem", "memory"):
+    if s.queue.broker_url and s.queue.broker_url.split("://")[0] not in ("redis", "rediss"):
         raise ConfigError("queue.broker_url: must be empty (embedded) or a redis:// or rediss:// URL")
+    if s.queue.tls_ca and not Path(s.queue.tls_ca).is_file():
+        raise ConfigError(f"queue.tls_ca: file {s.queue.tls_ca!r} does not exist")
+    for key in ("stale_after", "visibility_timeout"):
+        _check_positive(f"queue.{key}", getattr(s.queue, key))
+    if s.queue.max_attempts < 1:
+        raise ConfigError(f"queue.max_attempts: must be at least 1, got {s.queue.max_attempts}")
+    for key in ("backoff_initial", "backoff_max", "timeout"):
+        _check_positive(f"delivery.{key}", getattr(s.delivery, key))
+    if s.delivery.backoff_max < s.delivery.backoff_initial:
+        raise ConfigError("delivery.backoff_max: must not be shorter than delivery.backoff_initial")
+    if not 1 <= s.inference.threads <= 256:
+        raise ConfigError(f"inference.threads: must be 1 to 256, got {s.inference.threads}")
     if s.inference.engine not in ("auto", "tensorrt", "onnxruntime"):
         raise ConfigError(f"inference.engine: must be auto, tensorrt or onnxruntime, got {s.inference.engine!r}")
     if not 1 <= s.outputs.max_key_images <= 50:
