@@ -20,8 +20,11 @@ from study_queue.settings import toml_value
 from .conftest import free_port
 
 
-def write_config(path: Path, node: dict[str, Any], peers: list[dict[str, Any]] | None = None) -> Path:
+def write_config(path: Path, node: dict[str, Any], peers: list[dict[str, Any]] | None = None,
+                 sections: dict[str, dict[str, Any]] | None = None) -> Path:
     lines = ["[node]"] + [f"{k} = {toml_value(v)}" for k, v in node.items()]
+    for name, values in (sections or {}).items():
+        lines += ["", f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in values.items()]
     for peer in peers or []:
         lines += ["", "[[peers]]"] + [f"{k} = {toml_value(v)}" for k, v in peer.items()]
     path.write_text("\n".join(lines) + "\n")
@@ -29,10 +32,13 @@ def write_config(path: Path, node: dict[str, Any], peers: list[dict[str, Any]] |
 
 
 class NodeProcess:
-    """A ``pacs-ai node`` subprocess with its own spool and port."""
+    """A ``pacs-ai node`` (or ``run``) subprocess with its own spool and port; ``sections``
+    adds other config tables (``queue``, ``delivery``...)."""
 
-    def __init__(self, workdir: Path, port: int | None = None, peers: list[dict[str, Any]] | None = None, **node: Any) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, peers: list[dict[str, Any]] | None = None,
+                 command: str = "node", sections: dict[str, dict[str, Any]] | None = None, **node: Any) -> None:
         self.workdir = workdir
+        self.command = command
         self.port = port or free_port()
         self.spool = workdir / "spool"
         self.node = {
@@ -45,7 +51,8 @@ class NodeProcess:
             "shutdown_grace": 3.0,
             **node,
         }
-        self.config = write_config(workdir / "node.toml", self.node, peers)
+        self.sections = {"delivery": {"outbox": str(workdir / "outbox")}, **(sections or {})}
+        self.config = write_config(workdir / "node.toml", self.node, peers, self.sections)
         self.stderr_path = workdir / "node.stderr"
         self.proc: subprocess.Popen[bytes] | None = None
         self.preexec_fn = None
@@ -53,7 +60,7 @@ class NodeProcess:
     def start(self, timeout: float = 20.0) -> "NodeProcess":
         self._stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "study_queue.cli", "node", "--config", str(self.config)],
+            [sys.executable, "-m", "study_queue.cli", self.command, "--config", str(self.config)],
             stdout=self._stderr,
             stderr=self._stderr,
             cwd=self.workdir,
@@ -126,11 +133,30 @@ class NodeProcess:
         raise AssertionError(f"expected {count} {state} studies, journal has {self.status()}")
 
     def log_text(self) -> str:
+        """stderr and every log file under the spool (node and workers)."""
         text = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
-        log_file = self.spool / "logs" / "pacs-ai.log"
-        if log_file.exists():
+        for log_file in sorted((self.spool / "logs").glob("*.log*")):
             text += "\n" + log_file.read_text(errors="replace")
         return text
+
+    def study(self, key: str | None = None) -> dict:
+        """The one study of the journal (or the one with ``key``), with its history."""
+        if key is None:
+            [only] = self.status()
+            key = only["study_key"]
+        return self.status(key)
+
+    def wait_for(self, predicate, what: str, timeout: float = 60.0) -> list[dict]:
+        """Poll the journal until ``predicate(studies)`` holds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            studies = self.status()
+            if predicate(studies):
+                return studies
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}; journal has "
+                             f"{[(s['study_key'], s['state'], s['reason']) for s in self.status()]}\n"
+                             + self.log_text()[-4000:])
 
     def stored_files(self) -> list[Path]:
         return sorted(p for p in self.spool.rglob("*.dcm") if p.relative_to(self.spool).parts[0] != "tmp")
@@ -140,3 +166,54 @@ class NodeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class WorkerProcess:
+    """A ``pacs-ai worker`` subprocess using a node's config file."""
+
+    def __init__(self, node: NodeProcess, queues: str = "inference", name: str = "worker") -> None:
+        self.node = node
+        self.queues = queues
+        self.stderr_path = node.workdir / f"{name}.stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "WorkerProcess":
+        self._stderr = open(self.stderr_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "study_queue.cli", "worker", "--queues", self.queues,
+             "--config", str(self.node.config)],
+            stdout=self._stderr, stderr=self._stderr, cwd=self.node.workdir,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._stderr.close()
+        code, self.proc = self.proc.returncode, None
+        return code
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self._stderr.close()
+        self.proc = None
+
+    def log_text(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""

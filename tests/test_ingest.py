@@ -82,12 +82,12 @@ def test_storescu_study_is_stored_byte_exact_and_completes(node, tmp_path, dcmtk
         assert target.parent.parent.name == study_uid
         assert dataset_bytes(target) == dataset_bytes(f), "stored data set differs from what was sent"
         assert (target.stat().st_mode & 0o777) == 0o600
-    [study] = node.wait_for_state("COMPLETE")
+    [study] = node.wait_for_state("QUEUED")
     assert study["instance_count"] == 30
     assert study["calling_ae"] == "MODALITY1"
     assert study["modalities"] == ["CT"]
     detail = node.status(study["study_key"])
-    assert [h["to_state"] for h in detail["history"]] == ["RECEIVING", "COMPLETE"]
+    assert [h["to_state"] for h in detail["history"]] == ["RECEIVING", "COMPLETE", "QUEUED"]  # no worker: it waits
     assert not list((node.spool / "tmp").iterdir()), "temp files left in the spool"
     text = node.log_text()
     assert "association closed calling_ae=MODALITY1" in text and "instances=30" in text
@@ -123,7 +123,7 @@ def test_concurrent_associations(node, tmp_path, dcmtk_env):
     for p in procs:
         assert p.wait(60) == 0, p.stderr.read()
     assert len(node.stored_files()) == 100
-    complete = node.wait_for_state("COMPLETE", count=4)
+    complete = node.wait_for_state("QUEUED", count=4)
     assert sorted(s["instance_count"] for s in complete) == [25] * 4
     assert sorted(s["study_uid"] for s in complete) == sorted(studies)
 

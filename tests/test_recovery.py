@@ -106,7 +106,7 @@ def test_kill_9_of_the_node_loses_nothing_acknowledged(tmp_path):
         retry.start()
         retry.join(60)
         assert retry.errors == 0 and len(retry.acked) == len(rest)
-        [study] = node.wait_for_state("COMPLETE")
+        [study] = node.wait_for_state("QUEUED")
         assert study["instance_count"] == 400
         assert len(node.stored_files()) == 400
         time.sleep(1.5)
@@ -167,7 +167,7 @@ def test_kill_9_of_an_ingest_process_is_survived(tmp_path):
         retry.start()
         retry.join(60)
         assert retry.errors == 0
-        [study] = node.wait_for_state("COMPLETE", timeout=30)
+        [study] = node.wait_for_state("QUEUED", timeout=30)
         assert study["instance_count"] == 300
         assert complete_count(node, study["study_key"]) == 1
         assert "ingest process" in node.log_text() and "starting another" in node.log_text()
