@@ -7,12 +7,15 @@ shows what happened on the way.
 """
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 
 from tests.conftest import free_port
 from tests.nodeproc import NodeProcess, WorkerProcess
@@ -70,9 +73,17 @@ def test_storescu_modality_to_a_pynetdicom_pacs(tmp_path, phantom, dcmtk_env):
             assert_finds_truth(sr, truth(phantom))
             assert {ds.Modality for ds in pacs.received.values()} == {"SR", "OT", "KO"}
             assert set(pacs.callers) == {"PACS_AI"}
-            assert pacs.stores == len(study["outputs"])  # one association, each object once
+            assert pacs.stores == len(study["outputs"])  # each object once...
+            assert json.loads(study["destination_answer"])["associations"] == 1  # ...on one association
         finally:
             node.stop()
+        # Node, dispatcher, delivery and inference worker logs: no patient name, ID or birth date.
+        text = node.log_text()
+        assert "analyzed" in text and "DELIVERED" in text
+        header = dcmread(phantom_files(phantom)[0], stop_before_pixels=True)
+        for value in (str(header.PatientName), str(header.PatientID), str(header.get("PatientBirthDate", "")) or None):
+            if value:
+                assert value not in text, f"patient data {value!r} in the logs"
 
 
 def test_pacs_down_during_delivery_retries_then_delivers(tmp_path, phantom, dcmtk_env):
@@ -193,6 +204,26 @@ def test_the_node_killed_mid_analysis_and_restarted_delivers_once(tmp_path, phan
             key = study["study_key"]
             wait_until(lambda: heartbeat(node, key).exists(), "the analysis to start", node=node)
             node.kill9()
+            node.start(timeout=60)
+            node.wait_for(lambda s: s[0]["state"] == "DELIVERED", "DELIVERED after the restart", timeout=90)
+            time.sleep(2)
+            assert len(srs(pacs)) == 1
+        finally:
+            node.stop()
+
+
+def test_sigterm_mid_analysis_finishes_or_hands_back_and_nothing_is_lost(tmp_path, phantom, dcmtk_env):
+    """SIGTERM while a worker analyses: ``pacs-ai run`` exits 0; what it did not finish is
+    finished by the next start, and the PACS gets one SR."""
+    pacs_port = free_port()
+    with StorageSCP(pacs_port) as pacs:
+        node = NodeProcess(tmp_path, command="run", sections=quick(tmp_path), peers=peers(pacs_port))
+        try:
+            node.start(timeout=60)
+            storescu(node.port, phantom_files(phantom), dcmtk_env)
+            [study] = node.wait_for(lambda s: s and s[0]["state"] == "QUEUED", "QUEUED")
+            wait_until(lambda: heartbeat(node, study["study_key"]).exists(), "the analysis to start", node=node)
+            assert node.stop(signal.SIGTERM, timeout=90) == 0
             node.start(timeout=60)
             node.wait_for(lambda s: s[0]["state"] == "DELIVERED", "DELIVERED after the restart", timeout=90)
             time.sleep(2)
