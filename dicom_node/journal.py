@@ -150,6 +150,11 @@ CREATE TABLE IF NOT EXISTS assoc_studies (
     PRIMARY KEY (assoc_id, study_key)
 );
 CREATE INDEX IF NOT EXISTS assoc_studies_study ON assoc_studies(study_key);
+CREATE TABLE IF NOT EXISTS produced (
+    sop_uid TEXT PRIMARY KEY,
+    study_key TEXT NOT NULL,
+    run INTEGER NOT NULL
+);
 """
 
 
@@ -451,6 +456,16 @@ class Journal:
             if exists:
                 return RecordResult(key, new=False, reopened=False)
             row = conn.execute("SELECT * FROM studies WHERE study_key = ?", (key,)).fetchone()
+            if row is not None and conn.execute(
+                "SELECT 1 FROM produced WHERE sop_uid = ?", (rec.sop_uid,)
+            ).fetchone():
+                # One of our own outputs sent back to us (a PACS routing rule that forwards
+                # everything the study receives): kept, but it is not news about the study,
+                # so it must not reopen it, or each report would cause the next one.
+                self._insert_instance(conn, rec, key, now, assoc_id)
+                log.info("study %s: one of our own outputs came back (a routing rule?); "
+                         "stored, study not reopened", key, extra={"study_key": key})
+                return RecordResult(key, new=True, reopened=False)
             reopened = False
             if row is None:
                 conn.execute(
@@ -467,15 +482,7 @@ class Journal:
                 modalities = [m for m in row["modalities"].split(",") if m]
             if rec.modality and rec.modality not in modalities:
                 modalities.append(rec.modality)
-            conn.execute(
-                "INSERT INTO instances(sop_uid, study_key, series_uid, sop_class_uid, "
-                "transfer_syntax, modality, path, size, digest, received_at, assoc_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    rec.sop_uid, key, rec.series_uid, rec.sop_class_uid, rec.transfer_syntax,
-                    rec.modality, rec.path, rec.size, rec.digest, now, assoc_id,
-                ),
-            )
+            self._insert_instance(conn, rec, key, now, assoc_id)
             conn.execute(
                 "UPDATE studies SET instance_count = instance_count + 1, "
                 "received_bytes = received_bytes + ?, modalities = ?, "
@@ -490,6 +497,30 @@ class Journal:
                     (assoc_id, key),
                 )
         return RecordResult(key, new=True, reopened=reopened)
+
+    @staticmethod
+    def _insert_instance(conn: sqlite3.Connection, rec: InstanceRecord, key: str, now: float,
+                         assoc_id: str | None) -> None:
+        conn.execute(
+            "INSERT INTO instances(sop_uid, study_key, series_uid, sop_class_uid, "
+            "transfer_syntax, modality, path, size, digest, received_at, assoc_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                rec.sop_uid, key, rec.series_uid, rec.sop_class_uid, rec.transfer_syntax,
+                rec.modality, rec.path, rec.size, rec.digest, now, assoc_id,
+            ),
+        )
+
+    @_locked
+    def record_outputs(self, key: str, run: int, sop_uids: Iterable[str]) -> None:
+        """Remember the SOP Instance UIDs we produced for a study, before they are sent: if a
+        PACS sends them back they are stored without reopening the study."""
+        conn = self._conn()
+        with self._write(conn):
+            conn.executemany(
+                "INSERT OR IGNORE INTO produced(sop_uid, study_key, run) VALUES (?, ?, ?)",
+                [(uid, key, run) for uid in sop_uids],
+            )
 
     @_locked
     def instance(self, sop_uid: str) -> sqlite3.Row | None:

@@ -135,6 +135,7 @@ class Delivery:
                 self.journal.transition(key, FAILED, f"analysis: {result.get('reason')}",
                                         expect_state=QUEUED, expect_run=run)
                 return Outcome(FAILED)
+            self.journal.record_outputs(key, run, result.get("output_uids", {}).values())
             study = self.journal.transition(
                 key, ANALYZED, f"{result.get('findings', 0)} finding(s), {len(result['outputs'])} output(s)",
                 expect_state=QUEUED, expect_run=run, attempts=0, outputs=result["outputs"],

@@ -70,6 +70,23 @@ def test_late_instance_after_delivery_supersedes_the_result(journal):
     assert moves == [("DELIVERED", "SUPERSEDED", 1), ("SUPERSEDED", "RECEIVING", 2)]
 
 
+def test_our_own_outputs_sent_back_do_not_reopen_the_study(journal):
+    """A routing rule that forwards everything to us sends our SR back: stored, no new run
+    (else every report would cause the next one)."""
+    key = record(journal, "1.2.3", "1.2.3.4").study_key
+    for state in (j.COMPLETE, j.QUEUED):
+        journal.transition(key, state)
+    journal.record_outputs(key, 1, ["2.25.777"])
+    journal.transition(key, j.ANALYZED, outputs=["SR.dcm"])
+    journal.transition(key, j.DELIVERED)
+    echoed = record(journal, "1.2.3", "2.25.777")
+    assert echoed.new and not echoed.reopened
+    study = journal.get(key)
+    assert (study.state, study.run, study.instance_count) == (j.DELIVERED, 1, 1)
+    assert journal.instance("2.25.777") is not None  # journaled: a third copy is a plain duplicate
+    assert record(journal, "1.2.3", "1.2.3.5").reopened  # a real late instance still reopens
+
+
 def test_duplicate_sop_is_not_counted_twice(journal):
     first = record(journal, "1.2.3", "1.2.3.4")
     again = record(journal, "1.2.3", "1.2.3.4")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 from pydicom import dcmread
@@ -64,6 +65,14 @@ def test_orthanc_sends_a_study_and_gets_the_report_back_embedded_broker(tmp_path
         assert states == ["RECEIVING", "COMPLETE", "QUEUED", "ANALYZED", "DELIVERED"], states
         outbox = tmp_path / "outbox" / study["study_key"] / "run-1"
         assert (outbox / "SR.dcm").is_file() and (outbox / "findings.json").is_file()
+        # A routing rule that forwards the whole study again, our outputs included: nothing new.
+        study_id = orthanc.study_id_for_uid(dcmread(phantom_files(phantom)[0], stop_before_pixels=True).StudyInstanceUID)
+        answer = orthanc.send_to_modality("pacsai", [study_id])
+        assert answer["FailedInstancesCount"] == 0 and answer["InstancesCount"] > 60
+        time.sleep(3)  # three idle timeouts
+        again = node.status(study["study_key"])
+        assert (again["study"]["state"], again["study"]["run"]) == ("DELIVERED", 1)
+        assert [h["to_state"] for h in again["history"]] == states
     finally:
         node.stop()
         orthanc.kill9()
