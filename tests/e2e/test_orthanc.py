@@ -80,7 +80,7 @@ def test_orthanc_sends_a_study_and_gets_the_report_back_embedded_broker(tmp_path
 
 
 def test_orthanc_round_trip_on_redis_with_two_workers(tmp_path, phantom):
-    redis = RedisProcess(tmp_path / "redis").start()
+    redis = RedisProcess(tmp_path / "redis", password="s3cret-pw").start()  # a password, as in production
     node_port = free_port()
     orthanc = _orthanc(tmp_path, node_port)
     node = NodeProcess(tmp_path, port=node_port, command="node",
@@ -94,6 +94,8 @@ def test_orthanc_round_trip_on_redis_with_two_workers(tmp_path, phantom):
         study = _orthanc_round_trip(orthanc, node, phantom)
         assert study["model"] == "lung-nodule-ct"
         assert all(w.alive() for w in workers)
+        logs = node.log_text() + "".join(w.log_text() for w in workers)
+        assert "s3cret-pw" not in logs and "redis://" in node.log_text()  # the broker is named, its password not
     finally:
         for w in workers:
             w.stop()
