@@ -150,6 +150,18 @@ CREATE TABLE IF NOT EXISTS assoc_studies (
     PRIMARY KEY (assoc_id, study_key)
 );
 CREATE INDEX IF NOT EXISTS assoc_studies_study ON assoc_studies(study_key);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_key TEXT NOT NULL,
+    run INTEGER NOT NULL,
+    at REAL NOT NULL,
+    destination TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    seconds REAL,
+    answer TEXT
+);
+CREATE INDEX IF NOT EXISTS deliveries_study ON deliveries(study_key);
 CREATE TABLE IF NOT EXISTS produced (
     sop_uid TEXT PRIMARY KEY,
     study_key TEXT NOT NULL,
@@ -521,6 +533,29 @@ class Journal:
                 "INSERT OR IGNORE INTO produced(sop_uid, study_key, run) VALUES (?, ?, ?)",
                 [(uid, key, run) for uid in sop_uids],
             )
+
+    @_locked
+    def record_delivery(self, key: str, run: int, destination: str, attempt: int, outcome: str,
+                        seconds: float | None, answer: str | None) -> None:
+        """One delivery attempt and its outcome (``stored``, ``retry``, ``failed``)."""
+        conn = self._conn()
+        with self._write(conn):
+            conn.execute(
+                "INSERT INTO deliveries(study_key, run, at, destination, attempt, outcome, seconds, answer) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, run, time.time(), destination, attempt, outcome, seconds, answer),
+            )
+
+    @_locked
+    def deliveries(self, key: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM deliveries"
+        params: list[Any] = []
+        if key is not None:
+            sql += " WHERE study_key = ?"
+            params.append(key)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        return [dict(r) for r in self._conn().execute(sql, params)]
 
     @_locked
     def instance(self, sop_uid: str) -> sqlite3.Row | None:

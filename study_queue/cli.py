@@ -237,49 +237,28 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from dicom_node.journal import ANALYZED, FAILED, QUEUED, UnknownStudy
+    from dicom_node.journal import FAILED, UnknownStudy
 
-    from .celery_app import ANALYZE, DELIVER, BrokerUnavailable, make_app, publish
-    from .dispatch import analyze_message
-    from .workdir import WorkDir
+    from .celery_app import make_app
+    from .replay import NotReplayable, retry_study
 
     if bool(args.study) == bool(args.failed):
         raise UsageError("give a STUDY_KEY or --failed (every FAILED study)")
     settings = _settings(args)
     journal = _open_journal(settings)
-    root = Path(settings.node.spool).resolve()
     if args.study:
         try:
             studies = [journal.get(args.study)]
         except UnknownStudy:
             raise UsageError(f"STUDY_KEY: no study with key {args.study!r}") from None
-        if studies[0].state not in (FAILED, ANALYZED):
-            raise UsageError(f"study {args.study} is {studies[0].state}: only FAILED (or stuck ANALYZED) studies are retried")
     else:
         studies = journal.studies([FAILED])
     app = make_app(settings)
     for study in studies:
-        work = WorkDir(root, study.study_key, study.run)
-        result = work.read_result()
-        if result and result.get("outcome") == "analyzed" and all((root / p).is_file() for p in result["outputs"]):
-            if study.state == FAILED:
-                study = journal.transition(study.study_key, ANALYZED, "retry requested: delivering again",
-                                           expect_state=FAILED, expect_run=study.run, attempts=0,
-                                           outputs=result["outputs"], model=result.get("model"),
-                                           model_version=result.get("model_version"))
-            task, message, what = DELIVER, result, "delivery queued"
-        else:
-            if result is not None:
-                work.result_path.unlink()  # failed or ignored before: compute again
-            work.clear_heartbeat()
-            study = journal.transition(study.study_key, QUEUED, "retry requested: analysing again",
-                                       expect_state=(FAILED, ANALYZED), expect_run=study.run, attempts=0)
-            task, message, what = ANALYZE, analyze_message(settings, journal, study, root), "analysis queued"
         try:
-            publish(app, task, message)
-        except BrokerUnavailable:
-            what += " (broker unreachable: the node queues it when it is back)"
-        print(f"{study.study_key}: {what}")
+            print(f"{study.study_key}: {retry_study(settings, journal, app, study)}")
+        except NotReplayable as exc:
+            raise UsageError(str(exc)) from None
     if not studies:
         print("no FAILED studies")
     return 0
@@ -298,11 +277,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             raise UsageError(f"--study: no study with key {args.study!r}") from None
         history = journal.history(args.study)
         series = journal.series(args.study)
+        deliveries = list(reversed(journal.deliveries(args.study)))
         if args.json:
             print(json.dumps({
                 "study": {k: v for k, v in study.__dict__.items()},
                 "series": series,
                 "history": [dict(h) for h in history],
+                "deliveries": deliveries,
             }, indent=2))
             return 0
         print(f"study       {study.study_key}")
@@ -322,6 +303,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["at"]))
             reason = f"  ({h['reason']})" if h["reason"] else ""
             print(f"  {when}  run {h['run']}  {h['from_state'] or 'NEW':>10} -> {h['to_state']}{reason}")
+        if deliveries:
+            print("deliveries:")
+        for d in deliveries:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["at"]))
+            print(f"  {when}  run {d['run']}  attempt {d['attempt']}  {d['destination']}  {d['outcome']}"
+                  + (f"  {d['seconds']:.2f} s" if d["seconds"] is not None else ""))
         return 0
     studies = journal.studies(limit=args.limit)
     if args.json:

@@ -43,6 +43,7 @@ from .settings import Settings
 from .workdir import BadMessage, WorkDir, check_key, check_run
 
 log = logging.getLogger("pacs_ai.delivery")
+audit = logging.getLogger("pacs_ai.audit")
 
 
 @dataclass
@@ -213,14 +214,16 @@ class Delivery:
             report = send_paths(paths, dest, calling_ae=self.settings.node.ae_title,
                                 timeout=self.settings.delivery.timeout)
         except PacsRejected as exc:
+            seconds = time.monotonic() - t0
             if exc.result == 2:  # rejected-transient (PS3.8 Table 9-21): busy, try later
-                return self._retry(study, dest, attempt, f"association rejected: {exc}")
+                return self._retry(study, dest, attempt, f"association rejected: {exc}", seconds=seconds)
+            self._record(study, dest, attempt, "failed", seconds, str(exc))
             self.journal.transition(key, FAILED, f"{dest} refused the association: {exc}",
                                     expect_state=ANALYZED, expect_run=run, destination=str(dest),
                                     destination_answer=str(exc))
             return Outcome(FAILED)
         except PacsUnavailable as exc:
-            return self._retry(study, dest, attempt, str(exc))
+            return self._retry(study, dest, attempt, str(exc), seconds=time.monotonic() - t0)
         answer = {
             "sent": report.sent, "failed": report.failed, "associations": report.associations,
             "resends": report.resends, "seconds": round(time.monotonic() - t0, 3),
@@ -230,6 +233,7 @@ class Delivery:
         if report.error_comments:
             answer["error_comments"] = report.error_comments
         if report.ok:
+            self._record(study, dest, attempt, "stored", answer["seconds"], json.dumps(answer))
             self.journal.transition(
                 key, DELIVERED, f"{report.sent} object(s) stored by {dest} (attempt {attempt})",
                 expect_state=ANALYZED, expect_run=run, destination=str(dest),
@@ -242,15 +246,28 @@ class Delivery:
             + (f" ({o.error_comment})" if o.error_comment else "") for o in refused))
         if all(_transient(o.status) for o in refused):
             return self._retry(study, dest, attempt, f"{len(refused)} of {len(report.outcomes)} not stored: {why}",
-                               answer=answer)
+                               answer=answer, seconds=answer["seconds"])
+        self._record(study, dest, attempt, "failed", answer["seconds"], json.dumps(answer))
         self.journal.transition(key, FAILED, f"{dest} refused {len(refused)} of {len(report.outcomes)}: {why}",
                                 expect_state=ANALYZED, expect_run=run, destination=str(dest),
                                 destination_answer=json.dumps(answer))
         return Outcome(FAILED)
 
-    def _retry(self, study: Study, dest: Destination, attempt: int, why: str, answer: dict | None = None) -> Outcome:
+    def _record(self, study: Study, dest: Destination, attempt: int, outcome: str, seconds: float | None,
+                answer: str) -> None:
+        """The delivery table row and audit line of one attempt (who, what, when, outcome)."""
+        self.journal.record_delivery(study.study_key, study.run, str(dest), attempt, outcome,
+                                     round(seconds, 3) if seconds is not None else None, answer)
+        audit.info("delivery study=%s run=%d destination=%s attempt=%d outcome=%s seconds=%.2f",
+                   study.study_key, study.run, dest, attempt, outcome, seconds or 0.0,
+                   extra={"study_key": study.study_key})
+
+    def _retry(self, study: Study, dest: Destination, attempt: int, why: str, answer: dict | None = None,
+               seconds: float | None = None) -> Outcome:
         max_attempts = self.settings.delivery.max_attempts
         fields = {"destination": str(dest), "destination_answer": json.dumps(answer) if answer else why}
+        self._record(study, dest, attempt, "failed" if attempt >= max_attempts else "retry", seconds,
+                     fields["destination_answer"])
         if attempt >= max_attempts:
             self.journal.transition(study.study_key, FAILED, f"not delivered to {dest} in {attempt} attempts: {why}",
                                     expect_state=ANALYZED, expect_run=study.run, attempts=attempt, **fields)

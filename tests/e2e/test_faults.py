@@ -100,6 +100,10 @@ def test_pacs_down_during_delivery_retries_then_delivers(tmp_path, phantom, dcmt
         node.wait_for(lambda s: s[0]["state"] == "DELIVERED", "DELIVERED once the PACS is back", timeout=60)
         failed = [r for state, r in history(node, key) if state == "ANALYZED" and "delivery attempt" in r]
         assert len(failed) >= 2 and all(f"CT_SCANNER@127.0.0.1:{pacs_port}" in r for r in failed), failed
+        attempts = node.status(key)["deliveries"]  # one row per attempt: who, when, outcome
+        assert [d["outcome"] for d in attempts][-1] == "stored" and attempts[0]["outcome"] == "retry"
+        assert [d["attempt"] for d in attempts] == list(range(1, len(attempts) + 1))
+        assert "delivery study=" + key in node.log_text()  # the audit line
         assert len(srs(pacs)) == 1
     finally:
         pacs.stop()
