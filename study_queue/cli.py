@@ -21,7 +21,6 @@ from .errors import ConfigError, UsageError
 from .settings import Settings, effective_toml, load_settings
 
 PROG = "pacs-ai"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,20 +33,23 @@ class _Parser(argparse.ArgumentParser):
 # -- helpers -------------------------------------------------------------------
 def _settings(args: argparse.Namespace) -> Settings:
     node: dict[str, Any] = {}
-    for flag, key in (("port", "port"), ("ae_title", "ae_title"), ("spool", "spool")):
+    for flag, key in (("port", "port"), ("ae_title", "ae_title"), ("spool", "spool"), ("log_format", "log_format")):
         value = getattr(args, flag, None)
         if value is not None:
             node[key] = value
     return load_settings(getattr(args, "config", None), overrides={"node": node})
 
 
-def setup_logging(level: str = "INFO", spool: str | None = None, filename: str = "pacs-ai.log") -> None:
-    """Human-readable lines on stderr and, with a spool, in spool/logs/``filename`` (one file
-    per process kind and host: several processes never rotate the same file)."""
+def setup_logging(level: str = "INFO", spool: str | None = None, filename: str = "pacs-ai.log",
+                  log_format: str = "text") -> None:
+    """Lines on stderr and, with a spool, in spool/logs/``filename`` (one file per process
+    kind and host: several processes never rotate the same file); ``log_format`` text or json."""
+    from .logs import formatter as make_formatter
+
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    formatter = logging.Formatter(LOG_FORMAT)
+    formatter = make_formatter(log_format)
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(formatter)
     root.addHandler(stream)
@@ -153,7 +155,8 @@ def check_tls(settings: Settings) -> None:
 def _forward(args: argparse.Namespace) -> list[str]:
     """The options a child ``pacs-ai worker`` needs to see the same settings."""
     out: list[str] = []
-    for flag, attr in (("--config", "config"), ("--spool", "spool"), ("--ae-title", "ae_title"), ("--port", "port")):
+    for flag, attr in (("--config", "config"), ("--spool", "spool"), ("--ae-title", "ae_title"), ("--port", "port"),
+                       ("--log-format", "log_format")):
         value = getattr(args, attr, None)
         if value is not None:
             out += [flag, str(Path(value).resolve()) if attr in ("config", "spool") else str(value)]
@@ -173,7 +176,7 @@ def _node(args: argparse.Namespace, inference: bool) -> int:
         Path(n.spool).mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise ConfigError(f"node.spool: cannot create {n.spool!r}: {exc.strerror}") from None
-    setup_logging(n.log_level, n.spool)
+    setup_logging(n.log_level, n.spool, log_format=n.log_format)
     if inference:
         _check_models(settings)
     node = Node(
@@ -232,7 +235,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         Path(n.spool).mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise ConfigError(f"node.spool: cannot create {n.spool!r}: {exc.strerror}") from None
-    setup_logging(n.log_level, n.spool, filename=f"worker-{'+'.join(queues)}-{socket.gethostname()}.log")
+    setup_logging(n.log_level, n.spool, filename=f"worker-{'+'.join(queues)}-{socket.gethostname()}.log",
+                  log_format=n.log_format)
     return serve_worker(settings, queues, args.concurrency, n.log_level.upper())
 
 
@@ -337,6 +341,9 @@ def _common(p: argparse.ArgumentParser, overrides: bool = True) -> None:
         p.add_argument("--port", type=int, help="override node.port")
         p.add_argument("--ae-title", dest="ae_title", help="override node.ae_title")
     p.add_argument("--spool", metavar="DIR", help="override node.spool")
+    if overrides:
+        p.add_argument("--log-format", dest="log_format", choices=["text", "json"],
+                       help="override node.log_format: text (default) or json lines")
 
 
 def build_parser() -> argparse.ArgumentParser:

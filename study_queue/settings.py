@@ -42,6 +42,7 @@ class NodeSettings:
     network_timeout: float = 60.0
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one JSON object per line, with study_key)
 
 
 @dataclass
@@ -89,7 +90,9 @@ class OutputsSettings:
 @dataclass
 class HttpSettings:
     bind: str = "127.0.0.1"
-    port: int = 8110
+    port: int = 8110  # the node: /metrics, /healthz, /readyz, the status page; 0 disables
+    worker_port: int = 8111  # each inference worker: /metrics, /healthz, /readyz; 0 disables
+    token: str = ""  # guards the status page's replay button; empty: no replay from the page
 
 
 @dataclass
@@ -218,6 +221,8 @@ def validate(s: Settings) -> Settings:
         raise ConfigError(f"node.max_pdu: must be 4096 to 16777216 bytes, got {n.max_pdu}")
     if n.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"node.log_level: must be DEBUG, INFO, WARNING or ERROR, got {n.log_level!r}")
+    if n.log_format not in ("text", "json"):
+        raise ConfigError(f"node.log_format: must be text or json, got {n.log_format!r}")
     if n.tls_key and not n.tls_cert:
         raise ConfigError("node.tls_key: set node.tls_cert too (DICOM TLS needs a certificate)")
     if n.tls_ca and not n.tls_cert:
@@ -266,6 +271,9 @@ def validate(s: Settings) -> Settings:
     if s.inference.batch_size < 1:
         raise ConfigError(f"inference.batch_size: must be at least 1, got {s.inference.batch_size}")
     _check_port("http.port", s.http.port, allow_zero=True)
+    _check_port("http.worker_port", s.http.worker_port, allow_zero=True)
+    if s.http.token and len(s.http.token) < 16:
+        raise ConfigError("http.token: at least 16 characters (it guards replaying studies), or empty")
     return s
 
 

@@ -82,3 +82,38 @@ def test_check_config_masks_the_broker_password(tmp_path):
     assert out.returncode == 0 and "s3cret" not in out.stdout
     assert 'broker_url = "redis://***@redis.example.org:6379/0"' in out.stdout
     assert "stale_after = 120.0" in out.stdout
+
+
+def test_json_logs_carry_the_study_key(tmp_path, dcmtk_env):
+    """``log_format = "json"``: every line of the node's log file is a JSON object, and the
+    lines about the study (state changes) name its study key in a field of their own."""
+    from tests.nodeproc import NodeProcess
+
+    from .conftest import quick
+
+    files = []
+    from tests.factory import ct_dataset
+
+    for n in range(3):
+        ds = ct_dataset(study_uid="1.2.826.0.1.3680043.8.498.77", series_uid="1.2.826.0.1.3680043.8.498.77.1",
+                        sop_uid=f"1.2.826.0.1.3680043.8.498.77.1.{n + 1}", index=n)
+        path = tmp_path / f"{n}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    node = NodeProcess(tmp_path, command="node", sections=quick(tmp_path), log_format="json")
+    try:
+        node.start(timeout=60)
+        out = subprocess.run(["storescu", "-aec", "PACS_AI", "127.0.0.1", str(node.port), *map(str, files)],
+                             env=dcmtk_env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        [study] = node.wait_for_state("QUEUED")
+    finally:
+        node.stop()
+    import json
+
+    lines = (node.spool / "logs" / "pacs-ai.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line parses
+    about = [r for r in records if r["logger"] == "dicom_node.journal"]
+    assert {"RECEIVING", "COMPLETE", "QUEUED"} <= {r["message"].split(" -> ")[-1].split(" ")[0] for r in about}
+    assert all(r.get("study_key") == study["study_key"] for r in about)
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
