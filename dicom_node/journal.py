@@ -611,9 +611,9 @@ class Journal:
 
     @_locked
     def series(self, key: str) -> list[dict[str, Any]]:
-        """Series of a study with their instance counts and modality."""
+        """Series of a study with their instance counts, modality and one instance's spool path."""
         rows = self._conn().execute(
-            "SELECT series_uid, MIN(modality) AS modality, COUNT(*) AS instances "
+            "SELECT series_uid, MIN(modality) AS modality, COUNT(*) AS instances, MIN(path) AS sample "
             "FROM instances WHERE study_key = ? GROUP BY series_uid ORDER BY series_uid",
             (key,),
         )

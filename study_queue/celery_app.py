@@ -35,8 +35,12 @@ log = logging.getLogger("pacs_ai.queue")
 ANALYZE = "study_queue.analyze"
 DELIVER = "study_queue.deliver"
 INFERENCE_QUEUE = "inference"
+URGENT_QUEUE = "inference-urgent"  # studies of an urgent route: workers take these first
 DELIVERY_QUEUE = "delivery"
+QUEUES = (URGENT_QUEUE, INFERENCE_QUEUE, DELIVERY_QUEUE)
 QUEUE_OF = {ANALYZE: INFERENCE_QUEUE, DELIVER: DELIVERY_QUEUE}
+#: An inference worker's queues, in the order it serves them.
+INFERENCE_QUEUES = (URGENT_QUEUE, INFERENCE_QUEUE)
 
 QUEUE_DIR = "queue"  # under the spool: the embedded broker's messages
 
@@ -71,12 +75,18 @@ def broker_config(settings: Settings) -> dict[str, Any]:
                 "control_folder": str(folders["control"]),
                 "polling_interval": 0.1,
             },
+            # kombu's virtual transports take turns between queues (round robin); this
+            # transport asks them in the order the worker lists them, so urgent comes first.
+            "broker_transport": "study_queue.priority_transport:PriorityFilesystemTransport",
         }
     config: dict[str, Any] = {
         "broker_url": q.broker_url,
         "broker_transport_options": {
             "visibility_timeout": q.visibility_timeout,
             "socket_connect_timeout": 5,
+            # BRPOP lists the queues in the worker's order instead of rotating them:
+            # inference-urgent is always asked first.
+            "queue_order_strategy": "priority",
         },
     }
     if q.broker_url.startswith("rediss://"):
@@ -124,8 +134,10 @@ def make_app(settings: Settings) -> Celery:
 
 
 def publish(app: Celery, task: str, message: dict) -> None:
-    """Hand one task message to the broker, or raise :class:`BrokerUnavailable`."""
+    """Hand one task message to the broker, or raise :class:`BrokerUnavailable`. An analyze
+    message of an urgent route goes to the urgent queue."""
+    queue = URGENT_QUEUE if task == ANALYZE and message.get("priority") == "urgent" else QUEUE_OF[task]
     try:
-        app.send_task(task, args=[message], queue=QUEUE_OF[task])
+        app.send_task(task, args=[message], queue=queue)
     except Exception as exc:  # kombu's OperationalError, redis' ConnectionError, OSError...
         raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc

@@ -218,17 +218,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import socket
 
-    from .celery_app import DELIVERY_QUEUE, INFERENCE_QUEUE
+    from .celery_app import INFERENCE_QUEUE, QUEUES, URGENT_QUEUE
     from .services import serve_worker
 
     settings = _settings(args)
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    unknown = [q for q in queues if q not in (INFERENCE_QUEUE, DELIVERY_QUEUE)]
+    unknown = [q for q in queues if q not in QUEUES]
     if not queues or unknown:
-        raise UsageError(f"--queues: {', '.join(unknown) or 'none given'}: the queues are inference and delivery")
+        raise UsageError(f"--queues: {', '.join(unknown) or 'none given'}: the queues are {', '.join(QUEUES)}")
+    if INFERENCE_QUEUE in queues and URGENT_QUEUE not in queues:
+        queues.insert(queues.index(INFERENCE_QUEUE), URGENT_QUEUE)  # urgent studies first, always
     if args.concurrency < 1:
         raise UsageError("--concurrency: at least 1")
-    if INFERENCE_QUEUE in queues:
+    if INFERENCE_QUEUE in queues or URGENT_QUEUE in queues:
         _check_models(settings)
     n = settings.node
     try:
@@ -361,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run a Celery worker (inference queue by default) for a node sharing the spool")
     _common(p)
-    p.add_argument("--queues", default="inference", help="comma-separated: inference, delivery (default inference)")
+    p.add_argument("--queues", default="inference",
+                   help="comma-separated: inference (with inference-urgent, served first), delivery (default inference)")
     p.add_argument("--concurrency", type=int, default=1,
                    help="studies at a time (default 1: the solo pool, one process per GPU; more: prefork)")
     p.set_defaults(func=cmd_worker)

@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.completion import CompletedStudy
-from dicom_node.journal import ANALYZED, COMPLETE, QUEUED, IllegalTransition, Journal, Study
+from dicom_node.journal import ANALYZED, COMPLETE, IGNORED, QUEUED, IllegalTransition, Journal, Study
 
 from .celery_app import ANALYZE, DELIVER, BrokerUnavailable, embedded_folders, publish
 from .delivery import Delivery, NoDestination, backoff, destination_for
+from .routing import choose, study_facts
 from .settings import Settings
 from .workdir import WorkDir
 
@@ -43,14 +44,31 @@ log = logging.getLogger("pacs_ai.dispatch")
 PROCESSED_KEEP_S = 3600.0  # claimed embedded-broker messages are kept this long, for a look
 
 
+def route_for(settings: Settings, journal: Journal, study: Study, spool_root: Path):
+    """(the route that takes the study, or None; why it is not analysed, or None)."""
+    if not settings.routes:
+        return None, None
+    series = journal.series(study.study_key)
+    facts = study_facts(spool_root, study.study_uid, study.calling_ae, series,
+                        {s["series_uid"]: s["sample"] for s in series if s.get("sample")})
+    route = choose(settings.routes, facts)
+    if route is None:
+        return None, "no [[routes]] entry matched"
+    if route.action == "ignore":
+        return route, f"route {route.name or '(unnamed)'}: ignore"
+    return route, None
+
+
 def analyze_message(settings: Settings, journal: Journal, study: Study, spool_root: Path) -> dict:
-    """The ``analyze(study)`` message of DESIGN.md section 5 for the study's current run."""
+    """The ``analyze(study)`` message of DESIGN.md section 5 for the study's current run,
+    with its route's priority and models."""
     try:
         dest = destination_for(settings, study.calling_ae)
         destination = str(dest) if dest is not None else "none"
     except NoDestination:
         destination = None
     predecessor = next((p for p in study.predecessor_outputs if p.endswith("/SR.dcm")), None)
+    route, _ = route_for(settings, journal, study, spool_root)
     return {
         "study_key": study.study_key,
         "study_uid": study.study_uid,
@@ -62,6 +80,9 @@ def analyze_message(settings: Settings, journal: Journal, study: Study, spool_ro
         "completed_at": journal.completed_at(study.study_key, study.run) or study.updated_at,
         "destination": destination,
         "predecessor_sr": predecessor,
+        "route": route.name if route else None,
+        "priority": route.priority if route else "normal",
+        "models": list(route.models) if route and route.models else None,
     }
 
 
@@ -141,6 +162,13 @@ class Dispatcher:
             self._prune(now)
 
     def _queue(self, study: Study) -> bool:
+        _, skip = route_for(self.settings, self.journal, study, self.spool_root)
+        if skip is not None:
+            try:
+                self.journal.transition(study.study_key, IGNORED, skip, expect_state=COMPLETE, expect_run=study.run)
+            except IllegalTransition:
+                pass
+            return True
         message = analyze_message(self.settings, self.journal, study, self.spool_root)
         if not self._publish(ANALYZE, message):
             return False

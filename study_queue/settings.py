@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -50,6 +51,20 @@ class PeerSettings:
     ae_title: str = ""
     host: str = ""
     port: int = 104
+
+
+@dataclass
+class RouteSettings:
+    """One ``[[routes]]`` entry (``study_queue.routing``)."""
+
+    name: str = ""
+    calling_ae: str = ""
+    modality: str = ""
+    body_part: str = ""
+    series_description: str = ""
+    priority: str = "normal"  # normal | urgent
+    models: list[str] = field(default_factory=list)  # empty: every model of inference.models
+    action: str = "analyze"  # analyze | ignore
 
 
 @dataclass
@@ -99,6 +114,7 @@ class HttpSettings:
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     peers: list[PeerSettings] = field(default_factory=list)
+    routes: list[RouteSettings] = field(default_factory=list)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
@@ -162,6 +178,19 @@ def _apply(obj: Any, section: str, values: Mapping[str, Any], from_env: bool = F
         if key not in known:
             raise ConfigError(f"{where}: unknown setting (known: {', '.join(sorted(known))})")
         setattr(obj, key, _coerce(where, value, known[key].type, from_env))
+
+
+def _parse_routes(value: Any) -> list[RouteSettings]:
+    if not isinstance(value, list):
+        raise ConfigError("routes: must be an array of tables ([[routes]])")
+    routes = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ConfigError(f"routes[{i}]: must be a table")
+        route = RouteSettings()
+        _apply(route, f"routes[{i}]", item)
+        routes.append(route)
+    return routes
 
 
 def _parse_peers(value: Any) -> list[PeerSettings]:
@@ -270,6 +299,22 @@ def validate(s: Settings) -> Settings:
         raise ConfigError(f"outputs.max_key_images: between 1 and 50, got {s.outputs.max_key_images}")
     if s.inference.batch_size < 1:
         raise ConfigError(f"inference.batch_size: must be at least 1, got {s.inference.batch_size}")
+    for i, route in enumerate(s.routes):
+        where = f"routes[{i}]"
+        if route.priority not in ("normal", "urgent"):
+            raise ConfigError(f"{where}.priority: must be normal or urgent, got {route.priority!r}")
+        if route.action not in ("analyze", "ignore"):
+            raise ConfigError(f"{where}.action: must be analyze or ignore, got {route.action!r}")
+        if route.calling_ae:
+            _check_ae_title(f"{where}.calling_ae", route.calling_ae)
+        if route.series_description:
+            try:
+                re.compile(route.series_description)
+            except re.error as exc:
+                raise ConfigError(f"{where}.series_description: not a regular expression ({exc})") from None
+        unknown = [m for m in route.models if m not in s.inference.models]
+        if unknown:
+            raise ConfigError(f"{where}.models: {', '.join(unknown)} not in inference.models (workers load only those)")
     _check_port("http.port", s.http.port, allow_zero=True)
     _check_port("http.worker_port", s.http.worker_port, allow_zero=True)
     if s.http.token and len(s.http.token) < 16:
@@ -300,8 +345,11 @@ def load_settings(
             if section == "peers":
                 s.peers = _parse_peers(values)
                 continue
+            if section == "routes":
+                s.routes = _parse_routes(values)
+                continue
             if section not in SECTIONS:
-                raise ConfigError(f"{section}: unknown section (known: {', '.join(sorted([*SECTIONS, 'peers']))})")
+                raise ConfigError(f"{section}: unknown section (known: {', '.join(sorted([*SECTIONS, 'peers', 'routes']))})")
             if not isinstance(values, dict):
                 raise ConfigError(f"{section}: must be a table ([{section}])")
             _apply(getattr(s, section), section, values)
@@ -367,6 +415,11 @@ def effective_toml(s: Settings) -> str:
     for peer in s.peers:
         lines.append("[[peers]]")
         for k, v in dataclasses.asdict(peer).items():
+            lines.append(f"{k} = {toml_value(v)}")
+        lines.append("")
+    for route in s.routes:
+        lines.append("[[routes]]")
+        for k, v in dataclasses.asdict(route).items():
             lines.append(f"{k} = {toml_value(v)}")
         lines.append("")
     return "\n".join(lines)

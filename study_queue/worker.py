@@ -97,6 +97,14 @@ def _predecessor(spool_root: Path, message: dict):
     return dcmread(path, stop_before_pixels=True)
 
 
+def _route_models(message: dict, models: list) -> list:
+    """The models the study's route names (all of them when it names none)."""
+    names = message.get("models")
+    if not names:
+        return models
+    return [m for m in models if m.spec.name in set(names)]
+
+
 def analyze_study(settings: Settings, message: dict, models=None) -> dict:
     """Analyse the study of ``message``; returns the result document for ``deliver``."""
     if not isinstance(message, dict):
@@ -123,7 +131,7 @@ def analyze_study(settings: Settings, message: dict, models=None) -> dict:
     with Heartbeat(work, heartbeat_interval(settings)):
         try:
             result = _analyze(settings, message, spool, study_uid, work, when,
-                              models if models is not None else loaded_models(settings))
+                              _route_models(message, models if models is not None else loaded_models(settings)))
         except (AnalysisError, DicomNodeError, OutputInvalid) as exc:
             result = _result(message, "failed", str(exc))
         except Exception as exc:  # noqa: BLE001 - the node counts the attempt and queues it again

@@ -9,6 +9,7 @@ error must be a :class:`ConfigError` whose one-line message names the key
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -418,8 +419,9 @@ SECRET_URL = "redis://:s3cret@host:6379/0"
 
 def _as_dict(s: Settings) -> dict[str, Any]:
     d = dataclasses.asdict(s)
-    if not d["peers"]:
-        del d["peers"]
+    for table in ("peers", "routes"):  # an empty array of tables is written as nothing
+        if not d[table]:
+            del d[table]
     return d
 
 
@@ -515,3 +517,17 @@ def test_effective_toml_escapes_control_characters(tmp_path: Path) -> None:
         except tomllib.TOMLDecodeError as exc:
             pytest.fail(f"effective_toml wrote invalid TOML for outbox={outbox!r}: {exc}")
         assert parsed["delivery"]["outbox"] == outbox
+
+
+def test_routes_are_validated_and_round_trip(tmp_path: Path) -> None:
+    text = ('[inference]\nmodels = ["lung-nodule-ct"]\n'
+            '[[routes]]\nname = "er"\ncalling_ae = "ER_CT"\npriority = "urgent"\nmodels = ["lung-nodule-ct"]\n'
+            '[[routes]]\nname = "rest"\nmodality = "CT"\nseries_description = "lung|chest"\n')
+    s = load_text(tmp_path, text)
+    assert [(r.name, r.priority, r.models) for r in s.routes] == [("er", "urgent", ["lung-nodule-ct"]), ("rest", "normal", [])]
+    assert load_text(tmp_path, effective_toml(s)) == s
+    for bad, key in (('priority = "now"', "routes[0].priority"), ('action = "drop"', "routes[0].action"),
+                     ('series_description = "(["', "routes[0].series_description"),
+                     ('models = ["lung-triage-ct"]', "routes[0].models")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_text(tmp_path, f'[inference]\nmodels = ["lung-nodule-ct"]\n[[routes]]\n{bad}\n')

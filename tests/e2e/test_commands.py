@@ -67,7 +67,7 @@ def test_run_on_its_defaults_starts_node_and_workers_and_stops_cleanly(tmp_path)
 def test_one_line_errors(tmp_path):
     bad = cli("worker", "--queues", "gpu", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
-    assert "--queues: gpu: the queues are inference and delivery" in bad.stderr
+    assert "--queues: gpu: the queues are inference-urgent, inference, delivery" in bad.stderr
     none = cli("retry", cwd=tmp_path)
     assert none.returncode == 2 and "give a STUDY_KEY or --failed" in none.stderr
     env = {**os.environ, "PACS_AI_QUEUE_BROKER_URL": "amqp://guest:guest@host/"}
