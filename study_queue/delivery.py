@@ -191,6 +191,31 @@ class Delivery:
         return paths
 
     def send(self, study: Study, result: dict) -> Outcome:
+        """Send the outputs; then the outbox's ``provenance.json`` says what happened."""
+        outcome = self._send(study, result)
+        folder = self.outbox_dir(study)
+        if folder.is_dir():
+            self._provenance(folder, study, result, outcome)
+        return outcome
+
+    def _provenance(self, folder: Path, study: Study, result: dict, outcome: Outcome) -> None:
+        """Per-study provenance (issue 7): models with version, engine and ONNX hash, input
+        and output UIDs, per-stage timings, and each delivery attempt with the PACS's answer."""
+        now = self.journal.get(study.study_key)
+        doc = {
+            "study_key": study.study_key, "run": study.run, "state": now.state, "reason": now.reason,
+            "calling_ae": study.calling_ae, **{k: result.get(k) for k in (
+                "model", "model_version", "provenance", "output_uids", "findings", "lung_rads", "timings_s")},
+            "history": [{"at": h["at"], "state": h["to_state"], "reason": h["reason"]}
+                        for h in self.journal.history(study.study_key) if h["run"] == study.run],
+            "deliveries": [d for d in reversed(self.journal.deliveries(study.study_key)) if d["run"] == study.run],
+            "not_for_clinical_use": True,
+        }
+        tmp = folder / ".provenance.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.replace(folder / "provenance.json")
+
+    def _send(self, study: Study, result: dict) -> Outcome:
         key, run = study.study_key, study.run
         paths = self._paths(result)
         missing = [p.name for p in paths if not p.is_file()]

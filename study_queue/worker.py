@@ -56,6 +56,17 @@ def loaded_models(settings: Settings) -> list:
         return _models[key]
 
 
+_hashes: dict[str, str] = {}
+
+
+def _onnx_hash(spec) -> str:
+    """SHA-256 of the model file that ran, once per process: which weights made a result."""
+    key = str(spec.onnx_path)
+    if key not in _hashes:
+        _hashes[key] = spec.onnx_sha256()
+    return _hashes[key]
+
+
 def heartbeat_interval(settings: Settings) -> float:
     """Four heartbeats per ``queue.stale_after``: one late heartbeat is not a dead worker."""
     return settings.queue.stale_after / 4
@@ -178,8 +189,16 @@ def _analyze(settings: Settings, message: dict, spool: Spool, study_uid: str, wo
     lung_rads = report.assessment.category if report.assessment else None
     work.write_json("findings.json", findings_document(analysis, names, lung_rads))
     model = report.model or ("", "")
+    source_uid = analysis.model_series.get(model[0])
+    source = analysis.series.get(source_uid) if source_uid else None
     return _result(
         message, "analyzed",
+        provenance={
+            "models": [{"name": n, "version": v, "engine": e, "onnx_sha256": _onnx_hash(analysis.specs[n])}
+                       for n, v, e in analysis.models],
+            "input_series_uid": source_uid,
+            "input_sop_instance_uids": list(source.sop_instance_uids) if source is not None else [],
+        },
         outputs=[work.relative(work.outputs / name) for name in names],
         output_uids={name: str(ds.SOPInstanceUID) for name, ds in report.objects},
         model=model[0], model_version=model[1],

@@ -7,6 +7,7 @@ processes (``pacs-ai node`` + workers), the two deployments the README describes
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -48,6 +49,13 @@ def _orthanc_round_trip(orthanc: OrthancProcess, node: NodeProcess, phantom) -> 
     return study
 
 
+def sr_uid(orthanc: OrthancProcess, phantom) -> str:
+    study_uid = str(dcmread(phantom_files(phantom)[0], stop_before_pixels=True).StudyInstanceUID)
+    [series] = orthanc.wait_for_series(study_uid, "SR", timeout=5)
+    [instance] = orthanc.instances_of_series(series["ID"])
+    return str(read(orthanc.instance_file(instance["ID"])).SOPInstanceUID)
+
+
 def _orthanc(tmp_path, node_port: int) -> OrthancProcess:
     return OrthancProcess(tmp_path / "orthanc", modalities={"pacsai": ("PACS_AI", "127.0.0.1", node_port)}).start()
 
@@ -65,6 +73,12 @@ def test_orthanc_sends_a_study_and_gets_the_report_back_embedded_broker(tmp_path
         assert states == ["RECEIVING", "COMPLETE", "QUEUED", "ANALYZED", "DELIVERED"], states
         outbox = tmp_path / "outbox" / study["study_key"] / "run-1"
         assert (outbox / "SR.dcm").is_file() and (outbox / "findings.json").is_file()
+        prov = json.loads((outbox / "provenance.json").read_text())  # what ran, on what, and what the PACS said
+        assert prov["state"] == "DELIVERED" and prov["deliveries"][-1]["outcome"] == "stored"
+        [nodule_model] = [m for m in prov["provenance"]["models"] if m["name"] == "lung-nodule-ct"]
+        assert len(nodule_model["onnx_sha256"]) == 64 and nodule_model["engine"] == "onnxruntime"
+        assert len(prov["provenance"]["input_sop_instance_uids"]) == 60
+        assert prov["output_uids"]["SR.dcm"] == str(sr_uid(orthanc, phantom))
         # A routing rule that forwards the whole study again, our outputs included: nothing new.
         study_id = orthanc.study_id_for_uid(dcmread(phantom_files(phantom)[0], stop_before_pixels=True).StudyInstanceUID)
         answer = orthanc.send_to_modality("pacsai", [study_id])
