@@ -301,3 +301,23 @@ def test_the_workers_refuse_a_pickled_message(tmp_path):
         assert node.proc is not None and node.proc.poll() is None
     finally:
         node.stop()
+
+
+def test_shadow_mode_writes_the_outbox_and_sends_nothing(tmp_path, phantom, dcmtk_env):
+    """``delivery.return_to = "none"``: everything runs, the results are in the outbox for a
+    side-by-side look, and the PACS receives nothing."""
+    pacs_port = free_port()
+    with StorageSCP(pacs_port) as pacs:
+        node = NodeProcess(tmp_path, command="run", sections=quick(tmp_path, delivery={"return_to": "none"}),
+                           peers=peers(pacs_port))
+        try:
+            node.start(timeout=60)
+            storescu(node.port, phantom_files(phantom), dcmtk_env)
+            [study] = node.wait_for(lambda s: s and s[0]["state"] == "DELIVERED", "DELIVERED (to the outbox)")
+            assert study["destination"] == "none" and "outbox only" in study["reason"]
+            outbox = tmp_path / "outbox" / study["study_key"] / "run-1"
+            assert (outbox / "SR.dcm").is_file() and json.loads((outbox / "provenance.json").read_text())["deliveries"] == []
+            time.sleep(1)
+            assert not pacs.received and pacs.stores == 0
+        finally:
+            node.stop()
