@@ -535,6 +535,15 @@ class Journal:
             )
 
     @_locked
+    def forget(self, key: str) -> None:
+        """Remove a study and everything recorded about it (retention, ``pacs-ai purge``);
+        its files are deleted by the caller first."""
+        conn = self._conn()
+        with self._write(conn):
+            for table in ("instances", "history", "deliveries", "produced", "assoc_studies", "studies"):
+                conn.execute(f"DELETE FROM {table} WHERE study_key = ?", (key,))
+
+    @_locked
     def record_delivery(self, key: str, run: int, destination: str, attempt: int, outcome: str,
                         seconds: float | None, answer: str | None) -> None:
         """One delivery attempt and its outcome (``stored``, ``retry``, ``failed``)."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import shutil
 import socket
 import ssl
 import threading
@@ -73,7 +74,7 @@ from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.transport import ThreadedAssociationServer
 
 from . import fastpath, statuses
-from .journal import InstanceRecord, Journal, JournalError
+from .journal import InstanceRecord, Journal, JournalError, UnknownStudy
 from .spool import Spool, SpoolError, SpoolTempFile
 from .structure import Undecodable, scan_file
 from .uids import InvalidUID, validate_uid
@@ -231,6 +232,13 @@ class ScpConfig:
     #: instance file is fsynced (with its directory) before Success, and a
     #: node that did not shut down cleanly journals every spool file it lacks.
     journal_synchronous: str = "NORMAL"
+    #: Below this much free space on the spool's file system new associations are refused
+    #: (transient: the sender tries later) instead of failing in the middle of a study.
+    min_free_bytes: int = 1 << 30
+    #: Larger instances are refused (Out of Resources, with a comment); 0: no limit.
+    max_instance_bytes: int = 0
+    #: A study with this many instances takes no more; 0: no limit.
+    max_instances_per_study: int = 0
 
 
 def _normalise_ip(address: str) -> str:
@@ -350,6 +358,14 @@ class IngestHandlers:
                     statuses.REJECT_REASON_CALLED_AE_NOT_RECOGNIZED,
                     "called-AE-title-not-recognized",
                 )
+        low = self._low_on_disk()
+        if low is not None:
+            return (
+                statuses.REJECT_RESULT_TRANSIENT,
+                statuses.REJECT_SOURCE_SERVICE_PROVIDER_PRESENTATION,
+                statuses.REJECT_REASON_LOCAL_LIMIT_EXCEEDED,
+                f"local-limit-exceeded ({low})",
+            )
         try:
             busy = self.journal.open_association_count() >= self.cfg.max_associations
         except Exception:
@@ -362,6 +378,20 @@ class IngestHandlers:
                 "local-limit-exceeded",
             )
         return None
+
+    def _low_on_disk(self) -> str | None:
+        """Why the spool has too little space for another association, or None. The
+        high-water mark turns a disk that fills up into a sender that waits and retries,
+        rather than a study cut off at an arbitrary instance."""
+        if self.cfg.min_free_bytes <= 0:
+            return None
+        try:
+            free = shutil.disk_usage(self.spool.root).free
+        except OSError:
+            return None
+        if free >= self.cfg.min_free_bytes:
+            return None
+        return f"spool low on disk space: {free // (1 << 20)} MiB free, node.min_free_mb is {self.cfg.min_free_bytes >> 20}"
 
     def on_requested(self, event: Any) -> None:
         assoc = event.assoc
@@ -529,6 +559,23 @@ class IngestHandlers:
         modality = values.get("Modality", "")[:16] or None
 
         key = self.journal.study_key(study_uid)
+        if self.cfg.max_instance_bytes and tmp.size > self.cfg.max_instance_bytes:
+            raise _StoreRefused(
+                statuses.OUT_OF_RESOURCES,
+                f"instance of {tmp.size >> 20} MiB is over node.max_instance_mb ({self.cfg.max_instance_bytes >> 20})",
+                key,
+            )
+        if self.cfg.max_instances_per_study:
+            try:
+                count = self.journal.get(key).instance_count
+            except UnknownStudy:
+                count = 0
+            if count >= self.cfg.max_instances_per_study and self.journal.instance(sop_uid) is None:
+                raise _StoreRefused(
+                    statuses.OUT_OF_RESOURCES,
+                    f"the study has reached node.max_instances_per_study ({self.cfg.max_instances_per_study})",
+                    key,
+                )
         rel = self.spool.instance_relpath(study_uid, series_uid, sop_uid)
         final = self.spool.absolute(rel)
         try:

@@ -112,6 +112,9 @@ def scp_config(settings: Settings):  # -> ScpConfig
         tls_cert=n.tls_cert,
         tls_key=n.tls_key,
         tls_ca=n.tls_ca,
+        min_free_bytes=n.min_free_mb << 20,
+        max_instance_bytes=n.max_instance_mb << 20,
+        max_instances_per_study=n.max_instances_per_study,
     )
 
 
@@ -270,6 +273,34 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    from dicom_node.journal import FAILED, UnknownStudy
+
+    from .retention import NotPurgeable, purge_study
+
+    if bool(args.study) == bool(args.failed):
+        raise UsageError("give a STUDY_KEY or --failed (every FAILED study)")
+    settings = _settings(args)
+    journal = _open_journal(settings)
+    if args.study:
+        try:
+            studies = [journal.get(args.study)]
+        except UnknownStudy:
+            raise UsageError(f"STUDY_KEY: no study with key {args.study!r}") from None
+    else:
+        cutoff = time.time() - args.older_than * 86400
+        studies = [s for s in journal.studies([FAILED]) if s.updated_at <= cutoff]
+    for study in studies:
+        try:
+            purge_study(settings, journal, study, "pacs-ai purge")
+        except NotPurgeable as exc:
+            raise UsageError(str(exc)) from None
+        print(f"{study.study_key}: deleted ({study.state}, {study.instance_count} instances)")
+    if not studies:
+        print("nothing to delete")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     journal = _open_journal(settings)
@@ -381,6 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="how many recent studies (default 50)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("purge", help="delete a finished study (spool, work files, outbox, journal rows)")
+    _common(p, overrides=False)
+    p.add_argument("study", nargs="?", metavar="STUDY_KEY", help="the study's key (pacs-ai status lists them)")
+    p.add_argument("--failed", action="store_true", help="every FAILED study")
+    p.add_argument("--older-than", dest="older_than", type=float, default=0.0, metavar="DAYS",
+                   help="with --failed: only those that failed at least DAYS ago")
+    p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("check-config", help="validate a config file and print the effective settings")
     p.add_argument("file", metavar="FILE")

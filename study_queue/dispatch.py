@@ -35,6 +35,7 @@ from dicom_node.journal import ANALYZED, COMPLETE, IGNORED, QUEUED, IllegalTrans
 
 from .celery_app import ANALYZE, DELIVER, BrokerUnavailable, embedded_folders, publish
 from .delivery import Delivery, NoDestination, backoff, destination_for
+from .retention import expire
 from .routing import choose, study_facts
 from .settings import Settings
 from .workdir import WorkDir
@@ -102,6 +103,7 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._broker_down_since: float | None = None
         self._last_prune = 0.0
+        self._last_expiry = 0.0
 
     # -- the node's hooks ----------------------------------------------------
     def on_study_complete(self, study: CompletedStudy) -> None:
@@ -160,6 +162,10 @@ class Dispatcher:
         if not self.settings.queue.broker_url and now - self._last_prune > 60:
             self._last_prune = now
             self._prune(now)
+        retention_s = self.settings.node.retention_days * 86400
+        if retention_s > 0 and now - self._last_expiry > min(3600.0, max(1.0, retention_s / 4)):
+            self._last_expiry = now
+            expire(self.settings, self.journal, now)
 
     def _queue(self, study: Study) -> bool:
         _, skip = route_for(self.settings, self.journal, study, self.spool_root)

@@ -44,6 +44,10 @@ class NodeSettings:
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one JSON object per line, with study_key)
+    min_free_mb: int = 1024  # below this free space on the spool's disk, new associations are refused
+    max_instance_mb: int = 2048  # a larger instance is refused (0: no limit)
+    max_instances_per_study: int = 100000  # then the study takes no more (0: no limit)
+    retention_days: float = 30.0  # DELIVERED and IGNORED studies are deleted after this (0: kept)
 
 
 @dataclass
@@ -250,6 +254,11 @@ def validate(s: Settings) -> Settings:
         raise ConfigError(f"node.max_pdu: must be 4096 to 16777216 bytes, got {n.max_pdu}")
     if n.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"node.log_level: must be DEBUG, INFO, WARNING or ERROR, got {n.log_level!r}")
+    for key in ("min_free_mb", "max_instance_mb", "max_instances_per_study"):
+        if getattr(n, key) < 0:
+            raise ConfigError(f"node.{key}: must be 0 or more, got {getattr(n, key)}")
+    if n.retention_days < 0 or not math.isfinite(n.retention_days):
+        raise ConfigError(f"node.retention_days: must be 0 (keep) or more, got {n.retention_days}")
     if n.log_format not in ("text", "json"):
         raise ConfigError(f"node.log_format: must be text or json, got {n.log_format!r}")
     if n.tls_key and not n.tls_cert:

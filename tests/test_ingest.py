@@ -320,7 +320,8 @@ def small_tmpfs(tmp_path: Path):
 
 
 def test_disk_full_answers_out_of_resources_and_recovers(small_tmpfs, tmp_path):
-    n = NodeProcess(tmp_path / "w" if (tmp_path / "w").mkdir() is None else tmp_path, spool=str(small_tmpfs / "spool"))
+    n = NodeProcess(tmp_path / "w" if (tmp_path / "w").mkdir() is None else tmp_path, spool=str(small_tmpfs / "spool"),
+                    min_free_mb=0)  # no high-water mark: this test is about a disk that fills mid-study
     n.spool = small_tmpfs / "spool"
     n.start()
     try:
@@ -342,6 +343,57 @@ def test_disk_full_answers_out_of_resources_and_recovers(small_tmpfs, tmp_path):
         finally:
             assoc.release()
         assert sorted(p.stem for p in n.stored_files()) == sorted([first.SOPInstanceUID, second.SOPInstanceUID])
+    finally:
+        n.stop()
+
+
+def test_below_the_disk_high_water_mark_associations_are_refused_until_space_returns(small_tmpfs, tmp_path):
+    """node.min_free_mb: with less free space than that the node refuses new associations
+    (A-ASSOCIATE-RJ, rejected-transient, local-limit-exceeded: the sender retries later)
+    rather than failing in the middle of a study, and accepts again once space is back."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    n = NodeProcess(workdir, spool=str(small_tmpfs / "spool"), min_free_mb=3)
+    n.spool = small_tmpfs / "spool"
+    n.start()
+    try:
+        filler = small_tmpfs / "filler"
+        filler.write_bytes(b"\0" * (shutil.disk_usage(small_tmpfs).free - 2 * 1024 * 1024))  # 2 MiB left
+        ae = AE(ae_title="MODALITY1")
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", n.port, ae_title="PACS_AI")
+        assert assoc.is_rejected
+        rj = assoc.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)  # transient, provider (presentation), local limit
+        assert "spool low on disk space" in n.log_text()
+        filler.unlink()
+        assoc = associate(n)
+        try:
+            assert assoc.send_c_store(ct_dataset(generate_uid())).Status == statuses.SUCCESS
+        finally:
+            assoc.release()
+    finally:
+        n.stop()
+
+
+def test_caps_on_instance_size_and_instances_per_study(tmp_path):
+    n = NodeProcess(tmp_path, max_instance_mb=1, max_instances_per_study=2)
+    n.start()
+    try:
+        study = generate_uid()
+        assoc = associate(n)
+        try:
+            big = assoc.send_c_store(ct_dataset(study, index=0, size=1024))  # 2 MiB
+            assert big.Status == statuses.OUT_OF_RESOURCES and "node.max_instance_mb" in big.ErrorComment
+            for i in (1, 2):
+                assert assoc.send_c_store(ct_dataset(study, index=i)).Status == statuses.SUCCESS
+            third = assoc.send_c_store(ct_dataset(study, index=3))
+            assert third.Status == statuses.OUT_OF_RESOURCES and "max_instances_per_study" in third.ErrorComment
+            assert assoc.send_c_store(ct_dataset(generate_uid())).Status == statuses.SUCCESS  # another study is fine
+        finally:
+            assoc.release()
+        assert len(n.stored_files()) == 3
+        assert not list((n.spool / "tmp").iterdir())
     finally:
         n.stop()
 
