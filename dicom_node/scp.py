@@ -47,15 +47,15 @@ from typing import Any
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2K,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -68,9 +68,13 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom import acse as _acse
 from pynetdicom import dimse_messages as _dimse_messages
-from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
-from pynetdicom.sop_class import Verification, uid_to_service_class
+from pynetdicom.presentation import (
+    PresentationContext,
+    build_context,
+    negotiate_as_acceptor,
+)
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import Verification, uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
 from . import fastpath, statuses

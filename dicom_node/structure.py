@@ -46,6 +46,9 @@ WANTED = {
 }
 
 
+MAX_INFLATED_BYTES = 1 << 30  # a Deflated Explicit VR data set may not inflate beyond 1 GiB
+
+
 class Undecodable(ValueError):
     """The data set is not a well-formed sequence of elements."""
 
@@ -172,10 +175,14 @@ def scan_buffer(buf: bytes | mmap.mmap, start: int, end: int, transfer_syntax: s
     """Check the data set in ``buf[start:end]``; return the wanted top-level
     values (missing ones absent). Raises :class:`Undecodable`."""
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
-            raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(buf[start:end]))
+            # Bounded: a few kB of deflate can inflate to gigabytes (a "zip bomb").
+            raw = inflater.decompress(bytes(buf[start:end]), MAX_INFLATED_BYTES + 1)
         except zlib.error as exc:
             raise Undecodable("deflated data set does not inflate") from exc
+        if len(raw) > MAX_INFLATED_BYTES:
+            raise Undecodable(f"deflated data set inflates beyond {MAX_INFLATED_BYTES >> 20} MiB")
         buf, start, end = raw, 0, len(raw)
     if start >= end:
         raise Undecodable("the data set is empty")
