@@ -210,17 +210,26 @@ def _check_models(settings: Settings) -> None:
             raise ConfigError(f"inference.models: {exc}") from None
 
 
+def _private_files() -> None:
+    """Everything the service writes (spool, work files, outputs with patient data, outbox,
+    queue messages, logs) is readable by the service user only, whatever made the file."""
+    os.umask(0o077)
+
+
 def cmd_node(args: argparse.Namespace) -> int:
+    _private_files()
     return _node(args, inference=False)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _private_files()
     return _node(args, inference=True)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     import socket
 
+    _private_files()
     from .celery_app import INFERENCE_QUEUE, QUEUES, URGENT_QUEUE
     from .services import serve_worker
 

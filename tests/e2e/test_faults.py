@@ -77,6 +77,10 @@ def test_storescu_modality_to_a_pynetdicom_pacs(tmp_path, phantom, dcmtk_env):
             assert json.loads(study["destination_answer"])["associations"] == 1  # ...on one association
         finally:
             node.stop()
+        # Spool, work files, outputs, outbox, queue and logs: the service user's only.
+        for root in (node.spool, tmp_path / "outbox"):
+            shared = [p for p in root.rglob("*") if p.stat().st_mode & 0o077]
+            assert not shared, f"readable by others: {shared[:5]}"
         # Node, dispatcher, delivery and inference worker logs: no patient name, ID or birth date.
         text = node.log_text()
         assert "analyzed" in text and "DELIVERED" in text
