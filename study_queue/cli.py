@@ -249,7 +249,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         Path(n.spool).mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise ConfigError(f"node.spool: cannot create {n.spool!r}: {exc.strerror}") from None
-    setup_logging(n.log_level, n.spool, filename=f"worker-{'+'.join(queues)}-{socket.gethostname()}.log",
+    # One file per worker process (several workers per host: one per GPU), pruned with the
+    # spool's retention; a rotating file shared by processes would lose lines at rotation.
+    setup_logging(n.log_level, n.spool, filename=f"worker-{'+'.join(queues)}-{socket.gethostname()}-{os.getpid()}.log",
                   log_format=n.log_format)
     return serve_worker(settings, queues, args.concurrency, n.log_level.upper())
 

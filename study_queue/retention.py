@@ -52,4 +52,10 @@ def expire(settings: Settings, journal: Journal, now: float | None = None) -> in
         if study.updated_at < cutoff:
             purge_study(settings, journal, study, f"retention ({days:g} days)")
             done += 1
+    for log_file in (Path(settings.node.spool) / "logs").glob("worker-*.log*"):
+        try:  # one file per worker process: those of processes long gone
+            if log_file.stat().st_mtime < cutoff:
+                log_file.unlink()
+        except OSError:
+            pass
     return done
