@@ -169,7 +169,7 @@ def _forward(args: argparse.Namespace) -> list[str]:
 def _node(args: argparse.Namespace, inference: bool) -> int:
     from dicom_node.node import Node
 
-    from .services import serve_node
+    from .services import serve_node, stop_signal
 
     settings = _settings(args)
     n = settings.node
@@ -191,12 +191,13 @@ def _node(args: argparse.Namespace, inference: bool) -> int:
         ingest_processes=ingest_process_count(settings),
         shutdown_grace=n.shutdown_grace,
     )
+    done = stop_signal()
     try:
         node.start()
     except OSError as exc:
         print(f"{PROG}: error: node.port: cannot listen on {n.bind}:{n.port}: {exc.strerror}", file=sys.stderr)
         return 1
-    return serve_node(settings, node, _forward(args), inference=inference)
+    return serve_node(settings, node, _forward(args), inference=inference, done=done)
 
 
 def _check_models(settings: Settings) -> None:

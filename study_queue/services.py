@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from .settings import Settings
@@ -83,8 +84,23 @@ class WorkerChild:
             self.proc.wait(10)
 
 
-def serve_node(settings: Settings, node: Any, forward: list[str], inference: bool) -> int:
-    """Run the (started) node with its dispatcher and worker children until SIGTERM/SIGINT."""
+def stop_signal() -> threading.Event:
+    """An event set by SIGTERM or SIGINT. Installed before the node starts listening: a
+    signal that comes while it starts is a clean stop, not the default kill."""
+    done = threading.Event()
+
+    def on_signal(_signo: int, _frame: Any) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return done
+
+
+def serve_node(settings: Settings, node: Any, forward: list[str], inference: bool,
+               done: threading.Event | None = None) -> int:
+    """Run the (started) node with its dispatcher and worker children until ``done``
+    (SIGTERM/SIGINT)."""
     from .celery_app import make_app
     from .dispatch import Dispatcher
 
@@ -94,16 +110,19 @@ def serve_node(settings: Settings, node: Any, forward: list[str], inference: boo
     children = [WorkerChild("delivery", forward)]
     if inference:
         children.append(WorkerChild("inference", forward))
-    done = threading.Event()
-
-    def on_signal(_signo: int, _frame: Any) -> None:
-        done.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    if done is None:
+        done = stop_signal()
     for child in children:
         child.start()
     dispatcher.start()
+    # -- HTTP: /metrics, /healthz, /readyz and the status page (study_queue.web) -----------------
+    from .web import Check, start_node_http
+
+    http = start_node_http(settings, node.journal, app, node.spool.root, checks=[
+        Check("workers", lambda: _children_problem(children)),
+        Check("node", lambda: "stopping" if done.is_set() else None),
+    ])
+    # -- end HTTP --------------------------------------------------------------------------------
     log.info("%s ready: broker %s, delivery to %s", "pacs-ai run" if inference else "pacs-ai node",
              "embedded (spool/queue)" if not settings.queue.broker_url else _broker_host(settings.queue.broker_url),
              settings.delivery.return_to)
@@ -115,8 +134,17 @@ def serve_node(settings: Settings, node: Any, forward: list[str], inference: boo
     dispatcher.stop()
     for child in children:
         child.stop(grace=max(30.0, settings.node.shutdown_grace))
+    if http is not None:  # last: /readyz says "stopping" while the rest drains
+        http.stop()
     log.info("stopped")
     return 0
+
+
+def _children_problem(children: list[WorkerChild]) -> str | None:
+    """The node's readiness check of its worker children (None: all running)."""
+    dead = [f"{c.queues} (exit status {c.proc.returncode if c.proc is not None else 'none'})"
+            for c in children if c.proc is None or c.proc.poll() is not None]
+    return f"worker child not running, being restarted: {', '.join(dead)}" if dead else None
 
 
 def _broker_host(url: str) -> str:
@@ -130,6 +158,22 @@ def serve_worker(settings: Settings, queues: list[str], concurrency: int, loglev
     from .celery_app import INFERENCE_QUEUE, make_app
 
     app = make_app(settings)
+    # -- HTTP: an inference worker's /metrics, /healthz, /readyz (study_queue.web) ---------------
+    # A delivery-only worker (the node's child) serves nothing: its work is in the journal,
+    # which the node's /metrics reads. With prefork, the pool's processes count into files
+    # that /metrics merges (prometheus-client's multi-process mode, set before it is imported).
+    http = None
+    metrics_dir = None
+    if INFERENCE_QUEUE in queues and settings.http.worker_port:
+        if concurrency > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            import tempfile
+
+            metrics_dir = tempfile.mkdtemp(prefix="pacs-ai-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        from .web import start_worker_http
+
+        http = start_worker_http(settings, app, Path(settings.node.spool).resolve(), models=concurrency == 1)
+    # -- end HTTP --------------------------------------------------------------------------------
     if INFERENCE_QUEUE in queues and concurrency == 1:
         # The solo pool runs tasks in this process: load the engines now, so the first study
         # does not wait for them (with prefork they load in each child, after the fork).
@@ -148,5 +192,13 @@ def serve_worker(settings: Settings, queues: list[str], concurrency: int, loglev
         optimization="fair",
         quiet=True,
     )
-    worker.start()
+    try:
+        worker.start()
+    finally:
+        if http is not None:
+            http.stop()
+        if metrics_dir is not None:
+            import shutil
+
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return int(worker.exitcode or 0)

@@ -37,6 +37,20 @@ def _delivery(app: Celery, settings: Settings):
         return _node_delivery
 
 
+def _observe(result: dict | None) -> None:
+    """The worker's metrics of one analysis (``study_queue.metrics``; None: a dropped message).
+    Counting must never fail the task it counts."""
+    try:
+        from . import metrics
+
+        if result is None:
+            metrics.observe_dropped()
+        else:
+            metrics.observe_result(result)
+    except Exception:
+        log.exception("metrics of an analysis not recorded")
+
+
 def register(app: Celery, settings: Settings) -> None:
     from .celery_app import ANALYZE, DELIVER, BrokerUnavailable, publish
 
@@ -49,7 +63,9 @@ def register(app: Celery, settings: Settings) -> None:
             result = analyze_study(settings, study)
         except BadMessage as exc:
             log.error("analyze message dropped: %s", exc)
+            _observe(None)
             return None
+        _observe(result)
         try:
             publish(app, DELIVER, result)
         except BrokerUnavailable as exc:
