@@ -257,11 +257,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return serve_worker(settings, queues, args.concurrency, n.log_level.upper())
 
 
-def cmd_retry(args: argparse.Namespace) -> int:
+def _chosen_studies(args: argparse.Namespace, older_than_days: float = 0.0):
+    """(settings, journal, studies) for ``STUDY_KEY`` or ``--failed`` (FAILED at least
+    ``older_than_days`` ago): the selection retry and purge share."""
     from dicom_node.journal import FAILED, UnknownStudy
-
-    from .celery_app import make_app
-    from .replay import NotReplayable, retry_study
 
     if bool(args.study) == bool(args.failed):
         raise UsageError("give a STUDY_KEY or --failed (every FAILED study)")
@@ -269,11 +268,18 @@ def cmd_retry(args: argparse.Namespace) -> int:
     journal = _open_journal(settings)
     if args.study:
         try:
-            studies = [journal.get(args.study)]
+            return settings, journal, [journal.get(args.study)]
         except UnknownStudy:
             raise UsageError(f"STUDY_KEY: no study with key {args.study!r}") from None
-    else:
-        studies = journal.studies([FAILED])
+    cutoff = time.time() - older_than_days * 86400
+    return settings, journal, [s for s in journal.studies([FAILED]) if s.updated_at <= cutoff]
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from .celery_app import make_app
+    from .replay import NotReplayable, retry_study
+
+    settings, journal, studies = _chosen_studies(args)
     app = make_app(settings)
     for study in studies:
         try:
@@ -286,22 +292,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    from dicom_node.journal import FAILED, UnknownStudy
-
     from .retention import NotPurgeable, purge_study
 
-    if bool(args.study) == bool(args.failed):
-        raise UsageError("give a STUDY_KEY or --failed (every FAILED study)")
-    settings = _settings(args)
-    journal = _open_journal(settings)
-    if args.study:
-        try:
-            studies = [journal.get(args.study)]
-        except UnknownStudy:
-            raise UsageError(f"STUDY_KEY: no study with key {args.study!r}") from None
-    else:
-        cutoff = time.time() - args.older_than * 86400
-        studies = [s for s in journal.studies([FAILED]) if s.updated_at <= cutoff]
+    settings, journal, studies = _chosen_studies(args, older_than_days=args.older_than)
     for study in studies:
         try:
             purge_study(settings, journal, study, "pacs-ai purge")

@@ -16,6 +16,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminate(proc, timeout: float) -> int:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; the exit status (a test's processes
+    are stopped the way an operator's service manager would)."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
+def kill9(proc) -> None:
+    """SIGKILL and reap: a crash, not a stop."""
+    import signal
+
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
 @pytest.fixture
 def port() -> int:
     return free_port()

@@ -17,7 +17,7 @@ from pynetdicom.sop_class import Verification
 
 from study_queue.settings import toml_value
 
-from .conftest import free_port
+from .conftest import free_port, terminate
 
 
 def write_config(path: Path, node: dict[str, Any], peers: list[dict[str, Any]] | None = None,
@@ -197,15 +197,9 @@ class WorkerProcess:
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        code = terminate(self.proc, timeout)
         self._stderr.close()
-        code, self.proc = self.proc.returncode, None
+        self.proc = None
         return code
 
     def kill9(self) -> None:

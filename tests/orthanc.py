@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 import urllib.error
@@ -81,7 +80,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Self
 
-from .conftest import free_port
+from .conftest import free_port, kill9, terminate
 
 ORTHANC = "/usr/sbin/Orthanc"
 
@@ -196,14 +195,7 @@ class OrthancProcess:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        code = self.proc.returncode
+        code = terminate(self.proc, timeout)
         self.proc = None
         self._close_log()
         return code
@@ -211,9 +203,7 @@ class OrthancProcess:
     def kill9(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
+        kill9(self.proc)
         self.proc = None
         self._close_log()
 

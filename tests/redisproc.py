@@ -17,9 +17,7 @@ redis-py 8 quirks seen here: a client speaks RESP3 (``HELLO`` on connect), and
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .conftest import free_port
+from .conftest import free_port, kill9, terminate
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -109,14 +107,7 @@ class RedisProcess:
         """SIGTERM (redis flushes the append-only file and exits), SIGKILL after ``timeout``."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        code = self.proc.returncode
+        code = terminate(self.proc, timeout)
         self.proc = None
         self._close_log()
         return code
@@ -124,9 +115,7 @@ class RedisProcess:
     def kill9(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
+        kill9(self.proc)
         self.proc = None
         self._close_log()
 
