@@ -76,7 +76,10 @@ def test_idle_study_completes_once_and_is_handed_on(make_node, port):
     assert done.wait(1, timeout=5)
     [study] = done.studies
     assert study.study_uid == study_uid and study.calling_ae == "MODALITY"
-    assert study.series == [{"series_uid": ct_dataset(study_uid).SeriesInstanceUID, "modality": "CT", "instances": 3}]
+    [series] = study.series
+    assert {k: series[k] for k in ("series_uid", "modality", "instances")} == {
+        "series_uid": ct_dataset(study_uid).SeriesInstanceUID, "modality": "CT", "instances": 3}
+    assert series["sample"].startswith(f"{study_uid}/{series['series_uid']}/")  # one instance, for routing
     assert study.as_message()["spool_path"] == str(node.spool.root)
     time.sleep(1.0)
     assert len(done.studies) == 1, "a study must complete once"
