@@ -7,7 +7,7 @@ data set was written as received (no decode, no re-encode) to a file in
 Anything else is a failure status with an error comment (PS3.7 C.4.2.1.4),
 and the association goes on.
 
-Two deliberate adaptations of pynetdicom 3.0, both installed by
+Deliberate adaptations of pynetdicom 3.0, installed by
 :func:`configure_pynetdicom` and documented where they are defined:
 
 * **Receive straight to the spool.** With ``STORE_RECV_CHUNKED_DATASET``
@@ -26,6 +26,11 @@ Two deliberate adaptations of pynetdicom 3.0, both installed by
   :data:`ACCEPTED_TRANSFER_SYNTAXES`; pynetdicom's own "unrestricted" mode
   would accept whatever syntax comes first, including ones nothing here can
   read.
+* **Bounded PDU reads** (:func:`bounded_recv`): a PDU must arrive within
+  ``network_timeout`` and may not be longer than ``max_pdu`` plus
+  :data:`PDU_LENGTH_ALLOWANCE`; tests/test_hostile_peers.py showed a peer
+  stalling mid-PDU holding a thread and socket forever, and a 4 GiB P-DATA-TF
+  header being read for as long as the peer kept sending.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import select
 import shutil
 import socket
 import ssl
@@ -75,7 +81,7 @@ from pynetdicom.presentation import (
 )
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import Verification, uid_to_service_class
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from . import fastpath, statuses
 from .journal import InstanceRecord, Journal, JournalError, UnknownStudy
@@ -182,6 +188,86 @@ def _storage_context(abstract_syntax: str) -> PresentationContext | None:
     return context
 
 
+#: How much longer than ``node.max_pdu`` a PDU may be before the node refuses
+#: to read it: room for an A-ASSOCIATE-RQ that proposes many contexts, and for
+#: senders that overshoot the maximum length we announced (PS3.8 D.1) a little.
+#: It bounds what one association can make the node buffer.
+PDU_LENGTH_ALLOWANCE = 1 << 20
+
+#: A-ABORT PDU (PS3.8 9.3.8): source 2, service-provider; reason 6,
+#: invalid-PDU-parameter value (a PDU length the node will not read).
+_ABORT_INVALID_PDU_PARAMETER = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
+
+_pynetdicom_recv = AssociationSocket.recv
+
+
+def bounded_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """Replaces ``AssociationSocket.recv``, which the DUL thread calls once for
+    a PDU's 6-byte header and once for the rest (``_read_pdu_data``), each
+    time only after ``select`` found data waiting.
+
+    pynetdicom's version loops on a socket without a timeout until it has
+    ``nr_bytes`` or the peer closes. Found by tests/test_hostile_peers.py: a
+    peer that stopped in the middle of a PDU (or sent an unknown PDU type with
+    a body: pynetdicom reads the header only and then waits for a next header
+    that never completes) held the association's thread and socket for as
+    long as it kept the connection open, since the ARTIM timer and the network
+    timeout are only looked at between PDUs; and a P-DATA-TF header claiming
+    0xFFFFFFF0 bytes was read into memory for as long as the peer sent.
+
+    Here a read that gets no byte for the association's ``network_timeout``
+    (DCMTK's socket timeout, in effect) stops short, which pynetdicom handles
+    as the peer closing (Evt17: the association is aborted, the socket
+    closed). On the node's own (acceptor) associations a PDU longer than
+    ``max_pdu`` + :data:`PDU_LENGTH_ALLOWANCE` is not read at all: the peer
+    gets an A-ABORT (PS3.8 9.3.8, reason invalid-PDU-parameter value) and the
+    connection is closed.
+    """
+    assoc = self.assoc
+    if assoc.is_acceptor and nr_bytes > (assoc.ae.maximum_pdu_size or (16 << 20)) + PDU_LENGTH_ALLOWANCE:
+        peer = assoc.requestor
+        log.warning(
+            "peer %s:%s sent a PDU of %d bytes, over node.max_pdu (%d) and its allowance: aborted",
+            peer.address, peer.port, nr_bytes, assoc.ae.maximum_pdu_size,
+        )
+        self.send(_ABORT_INVALID_PDU_PARAMETER)
+        return bytearray()
+    timeout = assoc.network_timeout
+    sock = self.socket
+    if timeout is None or sock is None:
+        return _pynetdicom_recv(self, nr_bytes)
+    # A TLS socket has network_timeout as its own timeout (process_request_thread):
+    # select cannot tell whether its buffered bytes make a whole record.
+    tls = isinstance(sock, ssl.SSLSocket)
+    data = bytearray()
+    while len(data) < nr_bytes:
+        want = min(nr_bytes - len(data), 4096)  # pynetdicom's read size
+        try:
+            if tls:
+                chunk = sock.recv(want)
+            else:
+                try:  # the common case, data waiting: one system call, as before
+                    chunk = sock.recv(want, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    if not select.select([sock], [], [], timeout)[0]:
+                        raise TimeoutError from None
+                    continue
+        except TimeoutError:
+            peer = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+            log.warning(
+                "peer %s:%s sent %d of a PDU's %d bytes, then nothing for %.0f s (network_timeout): "
+                "connection closed",
+                peer.address, peer.port, len(data), nr_bytes, timeout,
+            )
+            break
+        except ValueError:  # select on a socket closed meanwhile
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def configure_pynetdicom(temp_dir: Path) -> None:
     """Set pynetdicom's process-wide options for the node (idempotent)."""
     global _temp_dir
@@ -199,6 +285,7 @@ def configure_pynetdicom(temp_dir: Path) -> None:
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
     _dimse_messages.NamedTemporaryFile = _spool_temp_file  # type: ignore[assignment]
     _acse.negotiate_unrestricted = negotiate_storage  # type: ignore[assignment]
+    AssociationSocket.recv = bounded_recv  # type: ignore[method-assign]
     fastpath.install()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
@@ -709,7 +796,10 @@ class NodeAssociationServer(ThreadedAssociationServer):
                 self.shutdown_request(request)
                 self._finished()
                 return
-            request.settimeout(None)
+            # Not None (blocking): a TLS record cut short would block the DUL
+            # thread's read forever, select having seen its first bytes;
+            # bounded_recv's deadline only covers waiting between records.
+            request.settimeout(self.ae.network_timeout)
         # pynetdicom's handler starts the association's thread and returns;
         # the connection counts as finished at EVT_CONN_CLOSE.
         super().process_request_thread(request, client_address)
