@@ -648,6 +648,21 @@ class Journal:
             )
 
     @_locked
+    def record_rejected_association(self, *, calling_ae: str, called_ae: str, peer_host: str, peer_port: int,
+                                    reason: str) -> None:
+        """A refused association, as a closed row with outcome ``rejected: <reason>`` (the
+        reason's standard words without the detail in parentheses): counted by the metrics."""
+        now = time.time()
+        conn = self._conn()
+        with self._write(conn):
+            conn.execute(
+                "INSERT INTO associations(assoc_id, pid, calling_ae, called_ae, peer_host, peer_port, "
+                "opened_at, closed_at, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (secrets.token_hex(16), os.getpid(), calling_ae, called_ae, peer_host, peer_port, now, now,
+                 "rejected: " + reason.split(" (")[0]),
+            )
+
+    @_locked
     def close_association(self, assoc_id: str, outcome: str, *, instances: int = 0, failures: int = 0) -> None:
         """Close an association, with the instances it stored and refused."""
         conn = self._conn()

@@ -497,6 +497,12 @@ class IngestHandlers:
                     "association rejected calling_ae=%s called_ae=%s peer=%s:%s reason=%s",
                     calling, called, host, port, reason[3],
                 )
+                try:  # for the metrics; a journal that cannot take it must not delay the reject
+                    self.journal.record_rejected_association(
+                        calling_ae=calling, called_ae=called, peer_host=_normalise_ip(host),
+                        peer_port=int(port), reason=reason[3])
+                except Exception:
+                    log.warning("could not journal a rejected association")
                 assoc.acse.send_reject(*reason[:3])
                 # As pynetdicom's own rejections do: wait until the DUL has
                 # sent the A-ASSOCIATE-RJ and the peer closed, or the socket

@@ -171,8 +171,8 @@ class NodeCollector(Collector):
     def _from_journal(self, conn: sqlite3.Connection) -> list[Any]:
         fams: list[Any] = []
 
-        assoc = CounterMetricFamily("pacs_ai_associations", "Closed DICOM associations by outcome "
-                                    "(rejected ones are in the audit log only)", labels=["outcome"])
+        assoc = CounterMetricFamily("pacs_ai_associations", "Closed DICOM associations by outcome, "
+                                    "rejected ones as 'rejected: <reason>'", labels=["outcome"])
         for row in conn.execute("SELECT outcome, COUNT(*) FROM associations WHERE closed_at IS NOT NULL "
                                 "GROUP BY outcome ORDER BY outcome"):
             assoc.add_metric([row[0] or "unknown"], row[1])

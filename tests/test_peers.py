@@ -72,6 +72,12 @@ def test_unknown_calling_title_is_rejected_permanent_service_user(node):
     text = node.log_text()
     assert "association rejected calling_ae=INTRUDER" in text
     assert "reason=calling-AE-title-not-recognized" in text
+    import sqlite3
+
+    with sqlite3.connect(node.spool / "journal.sqlite") as db:  # counted by /metrics by reason
+        rows = db.execute("SELECT calling_ae, outcome, closed_at IS NOT NULL FROM associations "
+                          "WHERE calling_ae = 'INTRUDER'").fetchall()  # (PROBE is the start-up check's)
+    assert rows == [("INTRUDER", "rejected: calling-AE-title-not-recognized", 1)]
 
 
 def test_known_title_from_the_wrong_address_is_rejected(node):

@@ -174,6 +174,8 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 def test_metrics_from_the_journal(node):
     service = node()
+    node.journal.record_rejected_association(calling_ae="INTRUDER", called_ae="PACS_AI", peer_host="10.0.0.9",
+                                                peer_port=5000, reason="calling-AE-title-not-recognized (wrong address)")
     status, headers, body = request(service, "GET", "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain; version=")
     text = body.decode()
@@ -182,6 +184,7 @@ def test_metrics_from_the_journal(node):
     for state in j.STATES:  # every state, zeros included
         assert sample(text, "pacs_ai_studies", state=state) is not None, state
     assert sample(text, "pacs_ai_associations_total", outcome="released") == 1.0
+    assert sample(text, "pacs_ai_associations_total", outcome="rejected: calling-AE-title-not-recognized") == 1.0
     assert sample(text, "pacs_ai_associations_open") == 1.0
     assert sample(text, "pacs_ai_instances_received_total") == 3.0
     assert sample(text, "pacs_ai_received_bytes_total") == 3000.0
