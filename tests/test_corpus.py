@@ -89,7 +89,13 @@ pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
 PYNETDICOM_FILES = Path(pynetdicom.__file__).parent / "tests" / "dicom_files"
-CORPUS_ROOTS = [PYDICOM_DATA / "test_files", PYDICOM_DATA / "charset_files", PYDICOM_DATA / "palettes", PYNETDICOM_FILES]
+# pydicom-data (the test extra installs it): pydicom's larger test files, which
+# get_testdata_files() lists through its data_store plugin.
+import data_store  # noqa: E402
+
+PYDICOM_DATA_STORE = Path(data_store.__file__).parent / "data"
+CORPUS_ROOTS = [PYDICOM_DATA / "test_files", PYDICOM_DATA / "charset_files", PYDICOM_DATA / "palettes",
+                PYDICOM_DATA_STORE, PYNETDICOM_FILES]
 
 #: storescu's option proposing each transfer syntax (plus the uncompressed ones).
 STORESCU_OPTION = {
@@ -147,7 +153,7 @@ def _meta(data: bytes) -> tuple[dict[int, str], int] | None:
 
 def describe(path: Path, root: Path) -> CorpusFile:
     data = path.read_bytes()
-    package = "pynetdicom" if root == PYNETDICOM_FILES else "pydicom"
+    package = {PYNETDICOM_FILES: "pynetdicom", PYDICOM_DATA_STORE: "pydicom-data"}.get(root, "pydicom")
     label = f"{package}:{path.relative_to(root.parent)}"
     notes: list[str] = []
     meta = _meta(data)
