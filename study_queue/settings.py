@@ -184,30 +184,26 @@ def _apply(obj: Any, section: str, values: Mapping[str, Any], from_env: bool = F
         setattr(obj, key, _coerce(where, value, known[key].type, from_env))
 
 
-def _parse_routes(value: Any) -> list[RouteSettings]:
+def _parse_tables(value: Any, name: str, make: type, hint: str = "") -> list:
+    """An array of tables (``[[peers]]``, ``[[routes]]``), each checked like a section."""
     if not isinstance(value, list):
-        raise ConfigError("routes: must be an array of tables ([[routes]])")
-    routes = []
+        raise ConfigError(f"{name}: must be an array of tables ([[{name}]])")
+    items = []
     for i, item in enumerate(value):
         if not isinstance(item, dict):
-            raise ConfigError(f"routes[{i}]: must be a table")
-        route = RouteSettings()
-        _apply(route, f"routes[{i}]", item)
-        routes.append(route)
-    return routes
+            raise ConfigError(f"{name}[{i}]: must be a table{hint}")
+        obj = make()
+        _apply(obj, f"{name}[{i}]", item)
+        items.append(obj)
+    return items
+
+
+def _parse_routes(value: Any) -> list[RouteSettings]:
+    return _parse_tables(value, "routes", RouteSettings)
 
 
 def _parse_peers(value: Any) -> list[PeerSettings]:
-    if not isinstance(value, list):
-        raise ConfigError("peers: must be an array of tables ([[peers]])")
-    peers = []
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise ConfigError(f"peers[{i}]: must be a table with ae_title, host and port")
-        peer = PeerSettings()
-        _apply(peer, f"peers[{i}]", item)
-        peers.append(peer)
-    return peers
+    return _parse_tables(value, "peers", PeerSettings, " with ae_title, host and port")
 
 
 # -- validation --------------------------------------------------------------
