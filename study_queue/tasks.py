@@ -54,7 +54,7 @@ def _observe(result: dict | None) -> None:
 def register(app: Celery, settings: Settings) -> None:
     from .celery_app import ANALYZE, DELIVER, BrokerUnavailable, publish
 
-    @app.task(name=ANALYZE, bind=True)
+    @app.task(name=ANALYZE, bind=True, shared=False)  # this app only: its settings are in the closure
     def analyze(self, study):
         from .workdir import BadMessage
         from .worker import analyze_study
@@ -73,7 +73,7 @@ def register(app: Celery, settings: Settings) -> None:
                       result["study_key"], exc, extra={"study_key": result["study_key"]})
         return result["outcome"]
 
-    @app.task(name=DELIVER, bind=True)
+    @app.task(name=DELIVER, bind=True, shared=False)
     def deliver(self, result):
         from .delivery import safe_handle
 
