@@ -51,7 +51,10 @@ class NodeProcess:
             "shutdown_grace": 3.0,
             **node,
         }
-        self.sections = {"delivery": {"outbox": str(workdir / "outbox")}, **(sections or {})}
+        # No HTTP unless a test asks for it: nodes of tests running side by side would race for
+        # port 8110, and whichever won would run a metrics thread the others do not.
+        self.sections = {"delivery": {"outbox": str(workdir / "outbox")}, "http": {"port": 0, "worker_port": 0},
+                         **(sections or {})}
         self.config = write_config(workdir / "node.toml", self.node, peers, self.sections)
         self.stderr_path = workdir / "node.stderr"
         self.proc: subprocess.Popen[bytes] | None = None
