@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from pynetdicom.sop_class import Verification
 from study_queue.settings import toml_value
 
 from .conftest import free_port, terminate
+from .conftest import kill9 as kill_process
 
 
 def write_config(path: Path, node: dict[str, Any], peers: list[dict[str, Any]] | None = None,
@@ -31,7 +31,20 @@ def write_config(path: Path, node: dict[str, Any], peers: list[dict[str, Any]] |
     return path
 
 
-class NodeProcess:
+class _Subprocess:
+    """What node and worker processes share: a crash is kill -9, then the log is closed."""
+
+    proc: subprocess.Popen[bytes] | None
+    _stderr: Any
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        kill_process(self.proc)
+        self._stderr.close()
+        self.proc = None
+
+
+class NodeProcess(_Subprocess):
     """A ``pacs-ai node`` (or ``run``) subprocess with its own spool and port; ``sections``
     adds other config tables (``queue``, ``delivery``...)."""
 
@@ -110,12 +123,6 @@ class NodeProcess:
         self.proc = None
         return code
 
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self._stderr.close()
-        self.proc = None
 
     def status(self, study: str | None = None) -> Any:
         cmd = [sys.executable, "-m", "study_queue.cli", "status", "--config", str(self.config), "--json"]
@@ -171,7 +178,7 @@ class NodeProcess:
         self.stop()
 
 
-class WorkerProcess:
+class WorkerProcess(_Subprocess):
     """A ``pacs-ai worker`` subprocess using a node's config file."""
 
     def __init__(self, node: NodeProcess, queues: str = "inference", name: str = "worker") -> None:
@@ -205,12 +212,6 @@ class WorkerProcess:
         self.proc = None
         return code
 
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self._stderr.close()
-        self.proc = None
 
     def log_text(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
