@@ -74,6 +74,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom import acse as _acse
 from pynetdicom import dimse_messages as _dimse_messages
+from pynetdicom import fsm as _fsm
 from pynetdicom.presentation import (
     PresentationContext,
     build_context,
@@ -268,6 +269,24 @@ def bounded_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     return data
 
 
+_pynetdicom_aa5 = _fsm.ACTIONS["AA-5"]
+
+
+def _aa5_ends_the_wait(dul: Any) -> str:
+    """AA-5 (PS3.8 9.2, Sta2 + Evt17: the peer closed the connection before its
+    A-ASSOCIATE-RQ), then wake the acceptor's thread.
+
+    pynetdicom's AA-5 closes the socket and returns to Sta1 but hands nothing up, so the
+    acceptor's thread went on waiting for an A-ASSOCIATE-RQ for ``acse_timeout`` (30 s):
+    every connect-and-close (a port probe, a load balancer's TCP check) held a thread and
+    one of pynetdicom's association slots that long, and counted against its host's
+    ``max_connections_per_address``. An empty item is what the wait gets when it times
+    out, so the thread now ends the way it would have 30 s later."""
+    state = _pynetdicom_aa5[1](dul)
+    dul.to_user_queue.put(None)
+    return state
+
+
 def configure_pynetdicom(temp_dir: Path) -> None:
     """Set pynetdicom's process-wide options for the node (idempotent)."""
     global _temp_dir
@@ -286,6 +305,7 @@ def configure_pynetdicom(temp_dir: Path) -> None:
     _dimse_messages.NamedTemporaryFile = _spool_temp_file  # type: ignore[assignment]
     _acse.negotiate_unrestricted = negotiate_storage  # type: ignore[assignment]
     AssociationSocket.recv = bounded_recv  # type: ignore[method-assign]
+    _fsm.ACTIONS["AA-5"] = (_pynetdicom_aa5[0], _aa5_ends_the_wait, _pynetdicom_aa5[2])
     fastpath.install()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
@@ -330,6 +350,9 @@ class ScpConfig:
     max_instance_bytes: int = 0
     #: A study with this many instances takes no more; 0: no limit.
     max_instances_per_study: int = 0
+    #: Open connections one IP address may hold in one ingest process; more are closed at
+    #: once. 0: no limit.
+    max_connections_per_address: int = 16
 
 
 def _normalise_ip(address: str) -> str:
@@ -752,6 +775,72 @@ def _same_content(a: Path | str, b: Path | str) -> bool:
 # --------------------------------------------------------------------------
 # the server of one ingest process
 # --------------------------------------------------------------------------
+class AddressLimiter:
+    """Open connections per remote address, so that one host cannot take every connection
+    slot of an ingest process (pynetdicom's own cap, 2 x ``max_associations`` + 8, counts
+    connections that have not yet sent an A-ASSOCIATE-RQ; 40 silent ones from one host
+    kept everybody else out until the ARTIM timer closed them).
+
+    A connection counts from its accept until its association's thread has ended. The
+    count is rebuilt from thread liveness on every check, never from close events, so a
+    connection whose close goes unreported cannot lock its host out: one that never got
+    an association thread counts for ``grace`` seconds at most."""
+
+    def __init__(self, limit: int, grace: float) -> None:
+        self.limit = limit
+        self.grace = grace
+        self._lock = threading.Lock()
+        # (host, port) -> [accepted at (monotonic), association thread or None]
+        self._open: dict[tuple[str, int], list[Any]] = {}
+        self._refused: dict[str, tuple[float, int]] = {}  # host -> (last logged at, refused since)
+
+    def _live(self, now: float) -> None:
+        for key, (at, thread) in list(self._open.items()):
+            if thread is None:
+                if now - at > self.grace:
+                    del self._open[key]
+            elif thread.ident is not None and not thread.is_alive():
+                del self._open[key]
+
+    def admit(self, address: tuple[str, int]) -> int | None:
+        """None when the connection may go on (it is now counted), else how many
+        connections its host already holds."""
+        host = _normalise_ip(address[0])
+        now = time.monotonic()
+        with self._lock:
+            self._live(now)
+            if self.limit > 0:
+                held = sum(1 for h, _port in self._open if h == host)
+                if held >= self.limit:
+                    return held
+            self._open[(host, int(address[1]))] = [now, None]
+            return None
+
+    def attach(self, address: tuple[str, int], thread: threading.Thread) -> None:
+        """The association thread serving the connection from ``address``."""
+        with self._lock:
+            entry = self._open.get((_normalise_ip(address[0]), int(address[1])))
+            if entry is not None:
+                entry[1] = thread
+
+    def refused_log_due(self, host: str, every: float = 10.0) -> int | None:
+        """Refusals from ``host`` since its last log line when another is due, else None
+        (a host that keeps trying gets one line per ``every`` seconds, not one per try)."""
+        now = time.monotonic()
+        with self._lock:
+            last, count = self._refused.get(host, (-every, 0))
+            if now - last >= every:
+                self._refused[host] = (now, 0)
+                return count + 1
+            self._refused[host] = (last, count + 1)
+            return None
+
+    def held(self) -> int:
+        with self._lock:
+            self._live(time.monotonic())
+            return len(self._open)
+
+
 class NodeAssociationServer(ThreadedAssociationServer):
     """pynetdicom's association server, fed by the node.
 
@@ -769,7 +858,30 @@ class NodeAssociationServer(ThreadedAssociationServer):
         self._listen_socket = listen_socket
         self._fixed_address = address
         self._on_finished: Any = None
+        self.limiter: AddressLimiter | None = None
         super().__init__(*args[:1], address, *args[1:], **kwargs)
+
+    def limit_per_address(self, limiter: AddressLimiter) -> None:
+        self.limiter = limiter
+        self.bind(evt.EVT_CONN_OPEN, lambda event: limiter.attach(event.address, event.assoc))
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Every connection, from either accept path, before its thread starts: a host
+        holding ``max_connections_per_address`` connections already is closed at once."""
+        if self.limiter is not None:
+            held = self.limiter.admit(client_address)
+            if held is not None:
+                refused = self.limiter.refused_log_due(_normalise_ip(client_address[0]))
+                if refused is not None:
+                    audit.warning(
+                        "connection refused peer=%s:%s reason=too-many-connections (%d open from this "
+                        "address, node.max_connections_per_address; refusals since the last such line: %d)",
+                        client_address[0], client_address[1], held, refused,
+                    )
+                self.shutdown_request(request)
+                self._finished()
+                return
+        super().process_request(request, client_address)
 
     def server_bind(self) -> None:
         if self._listen_socket is not None:
@@ -885,5 +997,8 @@ def make_server(
         evt_handlers=handlers.handlers(),
     )
     server.daemon_threads = True
+    # a connection without an association thread stops counting once it could at most be
+    # waiting for its TLS handshake and its A-ASSOCIATE-RQ
+    server.limit_per_address(AddressLimiter(cfg.max_connections_per_address, cfg.acse_timeout * 2 + 10.0))
     ae._servers.append(server)
     return server

@@ -105,6 +105,7 @@ def scp_config(settings: Settings):  # -> ScpConfig
         peers=[PeerEntry(p.ae_title, p.host, p.port) for p in settings.peers],
         accept_unknown_callers=n.accept_unknown_callers,
         max_associations=n.max_associations,
+        max_connections_per_address=n.max_connections_per_address,
         max_pdu=n.max_pdu,
         acse_timeout=n.acse_timeout,
         dimse_timeout=n.dimse_timeout,

@@ -32,6 +32,7 @@ class NodeSettings:
     study_idle_timeout: float = 5.0
     study_max_wait: float = 3600.0
     max_associations: int = 16
+    max_connections_per_address: int = 16  # per ingest process; more are closed at once (0: no limit)
     accept_unknown_callers: bool = True
     tls_cert: str = ""
     tls_key: str = ""
@@ -250,7 +251,7 @@ def validate(s: Settings) -> Settings:
         raise ConfigError(f"node.max_pdu: must be 4096 to 16777216 bytes, got {n.max_pdu}")
     if n.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"node.log_level: must be DEBUG, INFO, WARNING or ERROR, got {n.log_level!r}")
-    for key in ("min_free_mb", "max_instance_mb", "max_instances_per_study"):
+    for key in ("min_free_mb", "max_instance_mb", "max_instances_per_study", "max_connections_per_address"):
         if getattr(n, key) < 0:
             raise ConfigError(f"node.{key}: must be 0 or more, got {getattr(n, key)}")
     if n.retention_days < 0 or not math.isfinite(n.retention_days):

@@ -169,8 +169,9 @@ class Received:
 
 
 class RawPeer:
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
+        # another loopback address (Linux routes all of 127/8 to lo) is another host to the node
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
         self.opened = time.monotonic()
 
     def send(self, data: bytes) -> None:
@@ -282,13 +283,13 @@ def settled(node: NodeProcess, before: Usage, timeout: float = 10.0) -> Usage:
         time.sleep(0.1)
 
 
-def echo(node: NodeProcess) -> float:
+def echo(node: NodeProcess, source: str = "127.0.0.1") -> float:
     """A C-ECHO from a well-behaved peer; returns how long association + echo + release took."""
     started = time.monotonic()
     ae = AE(ae_title="GOOD_PEER")
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACS_AI")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACS_AI", bind_address=(source, 0))
     assert assoc.is_established, "a well-behaved peer could not associate"
     status = assoc.send_c_echo()
     assoc.release()
@@ -448,6 +449,56 @@ def test_silent_connections_are_closed_after_the_acse_timeout(node: NodeProcess,
     report("4 silent connections (slow loris)",
            f"each closed after {', '.join(f'{s[0].at:.1f}' for s in seen)} s (acse_timeout {ACSE_TIMEOUT} s); "
            f"C-ECHO meanwhile {meanwhile * 1000:.0f} ms; {baseline} -> {after}")
+
+
+@pytest.mark.parametrize("ingest_processes", [1, 2])
+def test_one_host_cannot_hold_more_connections_than_its_share(tmp_path: Path, ingest_processes: int) -> None:
+    """``node.max_connections_per_address`` = 3: a host holding 3 silent connections (per
+    ingest process) has its next ones closed at once, before any PDU, while another host
+    (127.0.0.2) is served. When the silent ones close, and after port probes that connect
+    and close, their host is served again at once: the count follows the connections'
+    association threads, so nothing stays counted."""
+    limit = 3
+    node = NodeProcess(tmp_path, ingest_processes=ingest_processes, max_connections_per_address=limit,
+                       acse_timeout=30.0, network_timeout=30.0)
+    node.start()
+    try:
+        echo(node)
+        before = _quiet_usage(node)
+        silent = [RawPeer(node.port) for _ in range(limit * ingest_processes)]
+        try:
+            time.sleep(0.5)  # every one accepted and handed to its process
+            extra = RawPeer(node.port)
+            got = extra.until_closed(SLACK)
+            extra.close()
+            assert [r.kind for r in got] == ["closed"] and got[0].at < 2.0, [str(r) for r in got]
+            assert echo(node, source="127.0.0.2") < 2.0
+            for peer in silent:  # still open: the ARTIM timer (30 s) has not run out
+                assert peer.read(0.2).kind == "timeout"
+        finally:
+            for peer in silent:
+                peer.close()
+        for _ in range(limit * 3):  # port probes, as a load balancer's TCP check makes them
+            socket.create_connection(("127.0.0.1", node.port), timeout=10).close()
+        # A connection closed before its A-ASSOCIATE-RQ ends its association thread at once
+        # (pynetdicom waited for acse_timeout, here 30 s, before it let go).
+        deadline = time.monotonic() + SLACK
+        while True:
+            try:
+                took = echo(node)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, "the host stayed locked out:\n" + node.log_text()[-2000:]
+                time.sleep(0.2)
+        after = settled(node, before)
+        log = node.log_text()
+        assert "reason=too-many-connections" in log and f"({limit} open from this address" in log
+    finally:
+        assert node.stop() == 0
+    report(f"{limit * ingest_processes} silent connections from one host, max_connections_per_address {limit}, "
+           f"{ingest_processes} ingest process(es)",
+           f"the next one closed after {got[0].at * 1000:.0f} ms; another host served meanwhile; "
+           f"C-ECHO again {took * 1000:.0f} ms after they closed; {before} -> {after}")
 
 
 def test_more_associations_than_allowed_get_rejected_transient(node: NodeProcess, baseline: Usage) -> None:

@@ -224,6 +224,7 @@ RULES: list[tuple[str, str, str]] = [
     ("idle-timeout-zero", "[node]\nstudy_idle_timeout = 0\n", "node.study_idle_timeout"),
     ("idle-timeout-negative", "[node]\nstudy_idle_timeout = -1.0\n", "node.study_idle_timeout"),
     ("max-associations-zero", "[node]\nmax_associations = 0\n", "node.max_associations"),
+    ("connections-per-address-negative", "[node]\nmax_connections_per_address = -1\n", "node.max_connections_per_address"),
     ("closed-node-without-peers", "[node]\naccept_unknown_callers = false\n", "node.accept_unknown_callers"),
     ("return-to-unknown-peer",
      '[[peers]]\nae_title = "ORTHANC"\nhost = "h"\n[delivery]\nreturn_to = "NOBODY"\n', "delivery.return_to"),
