@@ -15,12 +15,16 @@ lung-triage-ct: ROC AUC of the study-level probability against "has at least one
 nodule". The evaluation phantoms plus ``--negatives`` extra phantoms without nodules.
 
 Evaluation seeds are below inference.training.TRAIN_SEED_START, so no evaluated phantom
-was used in training. The volumes go straight from the phantom generator to the pipeline
+was used in training. Validation seeds (inference.training.VALIDATION_SEED_START up, e.g.
+``--seeds 200000-200019``) are for choosing a model's reporting threshold: the threshold
+at <= 1 false positive per scan that a run prints, so that the choice never looks at the
+evaluation phantoms. The volumes go straight from the phantom generator to the pipeline
 (the DICOM round trip is lossless and tested separately).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -33,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from inference.phantom import generate_phantom  # noqa: E402
 from inference.pipeline import load_models, run_model  # noqa: E402
-from inference.training import TRAIN_SEED_START  # noqa: E402
+from inference.training import TRAIN_SEED_START, VALIDATION_SEED_START  # noqa: E402
 
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 SIZE_BINS = ((3, 6), (6, 10), (10, 20), (20, 30.01))
@@ -47,9 +51,12 @@ def parse_seeds(text: str) -> list[int]:
             seeds.extend(range(int(a), int(b) + 1))
         else:
             seeds.append(int(part))
-    bad = [s for s in seeds if s >= TRAIN_SEED_START]
+    bad = [s for s in seeds if TRAIN_SEED_START <= s < VALIDATION_SEED_START]
     if bad:
-        raise SystemExit(f"accuracy: seed {bad[0]} is a training seed (>= {TRAIN_SEED_START})")
+        raise SystemExit(f"accuracy: seed {bad[0]} is a training seed ({TRAIN_SEED_START} to {VALIDATION_SEED_START - 1})")
+    if any(s >= VALIDATION_SEED_START for s in seeds) and any(s < TRAIN_SEED_START for s in seeds):
+        raise SystemExit(f"accuracy: evaluation seeds (below {TRAIN_SEED_START}) and validation seeds "
+                         f"({VALIDATION_SEED_START} up) do not mix in one run")
     return seeds
 
 
@@ -89,12 +96,15 @@ def froc(per_scan, n_scans: int, total_nodules: int):
     events.sort(key=lambda e: -e[0])
     hits = fps = 0
     curve = [(0.0, 0.0, 1.0)]  # (fp per scan, sensitivity, threshold)
-    for score, is_hit in events:
+    # A threshold keeps every candidate of a score or none: tied candidates enter the
+    # curve together, so a hit never counts ahead of a false positive with the same score.
+    for i, (score, is_hit) in enumerate(events):
         if is_hit:
             hits += 1
         else:
             fps += 1
-        curve.append((fps / n_scans, hits / max(total_nodules, 1), score))
+        if i + 1 == len(events) or events[i + 1][0] != score:
+            curve.append((fps / n_scans, hits / max(total_nodules, 1), score))
     sens = []
     for rate in FP_RATES:
         best = max((s for f, s, _ in curve if f <= rate), default=0.0)
@@ -118,9 +128,11 @@ def main(argv=None) -> int:
     ap.add_argument("--negatives", type=int, default=20, help="extra phantoms without nodules for the triage AUC")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    ap.add_argument("--models", help="a models folder to measure instead of inference/models (a training run's --out)")
     args = ap.parse_args(argv)
     seeds = parse_seeds(args.seeds)
-    nodule, triage = load_models(["lung-nodule-ct", "lung-triage-ct"], engine="onnxruntime", threads=args.threads)
+    nodule, triage = load_models(["lung-nodule-ct", "lung-triage-ct"], engine="onnxruntime", threads=args.threads,
+                                  search=[args.models] if args.models else None)
     threshold = nodule.spec.output.threshold
     per_scan, truths, nodules_all, triage_scores, triage_labels = [], [], [], [], []
     op_hits, op_fps = [], 0
@@ -212,6 +224,7 @@ def main(argv=None) -> int:
         "sensitivity_ge6mm_at_1fp": sens_big_1fp, "threshold_1fp": thr_1fp,
         "fp_per_scan_at_threshold": op_fps / max(n_scans, 1), "by_size": rows,
         "types": types, "triage_auc": tri_auc,
+        "onnx_sha256": {m.spec.name: hashlib.sha256(m.spec.onnx_path.read_bytes()).hexdigest() for m in (nodule, triage)},
     }, indent=2))
     print(f"raw numbers: {path}")
     return 0

@@ -60,12 +60,14 @@ def run_model(model: LoadedModel, volume: Volume, batch_size: int = 16, min_prob
     timings[f"preprocess:{spec.name}"] = t1 - t0
     if spec.task == "segmentation":
         nz, ny, nx = grid.valid
-        prob = np.zeros((nz, ny, nx), dtype=np.float16)
+        # float32: float16 rounds everything above 0.9995 to 1.0, and tied scores at the
+        # top leave the most certain findings in no order
+        prob = np.zeros((nz, ny, nx), dtype=np.float32)
         for centres, batch in batches(grid, spec.input, batch_size):
             out = _output(model.engine, spec, batch)
             prob[centres] = out[:, 0, :ny, :nx]
         t2 = time.perf_counter()
-        result = segmentation_findings(prob.astype(np.float32), grid, volume, spec, min_probability)
+        result = segmentation_findings(prob, grid, volume, spec, min_probability)
     else:
         probs = []
         for _, batch in batches(grid, spec.input, batch_size):

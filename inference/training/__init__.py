@@ -8,7 +8,11 @@ them to ONNX::
 
 Seeds: training phantoms use seeds from :data:`TRAIN_SEED_START` up; every evaluation
 (``bench/accuracy.py``) uses seeds below it, so no evaluated phantom was ever trained on.
+Validation phantoms, from :data:`VALIDATION_SEED_START` up, are neither trained nor
+evaluated on: the reporting threshold in ``model.toml`` is chosen on them, so that choosing
+it does not look at the evaluation phantoms.
 """
 
 TRAIN_SEED_START = 100_000
+VALIDATION_SEED_START = 200_000
 EVAL_SEED_START = 0
