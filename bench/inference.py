@@ -54,14 +54,20 @@ def torch_reference(spec, batches_list, threads: int):
         import torch
     except ImportError:
         return None, "torch not installed (pip install -e '.[train]')"
-    from inference.training.nets import NoduleUNet, TriageCNN, WithSigmoid
+    from inference.training.nets import NODULE_WIDTHS, NoduleUNet, TriageCNN, WithSigmoid
 
     torch.set_num_threads(threads)
-    net = NoduleUNet(spec.input.context_slices) if spec.task == "segmentation" else TriageCNN()
     weights = ROOT / "var" / "training-cache" / f"{spec.name}.pt"
+    state = torch.load(weights, map_location="cpu") if weights.exists() else None
+    if spec.task == "segmentation":
+        # the cached weights' own widths (a training run may use others than the default)
+        widths = tuple(state[f"enc.{i}.0.weight"].shape[0] for i in range(4)) if state else NODULE_WIDTHS
+        net = NoduleUNet(spec.input.context_slices, widths)
+    else:
+        net = TriageCNN()
     note = "trained weights"
-    if weights.exists():
-        net.load_state_dict(torch.load(weights, map_location="cpu"))
+    if state is not None:
+        net.load_state_dict(state)
     else:
         note = "random weights"
     model = WithSigmoid(net).eval()

@@ -2,6 +2,7 @@
 (:mod:`inference.preprocess`), so the networks see in training what they see in use."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -130,6 +131,10 @@ def mined_negatives(job) -> str:
     from ..spec import load_spec
 
     spec = load_spec(model_dir)
+    # The network mid-training is exported with a plain sigmoid: cut its regions at half of
+    # ``threshold`` (a logit of -1.1 at 0.5), whatever the published spec says for the
+    # temperature-scaled final export.
+    spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, threshold=threshold, region_threshold=0.0))
     engine = OnnxRuntimeEngine(spec.onnx_path, threads=1)
     ph = generate_phantom(seed, with_labels=True)
     found, _ = run_model(LoadedModel(spec, engine), ph.volume, min_probability=threshold)
