@@ -151,16 +151,16 @@ def main(argv=None) -> int:
             continue
         found, _ = run_model(nodule, ph.volume, min_probability=0.05)
         dt = time.perf_counter() - t0
+        # match() answers per candidate in this order (a stable sort, best first), so the
+        # finding behind each answer is known by position, never looked up by its score
+        found = sorted(found, key=lambda f: -f.probability)
         matched = match([(f.probability, f.center_lps_mm) for f in found], truth)
         per_scan.append(matched)
         truths.append(truth)
         nodules_all.extend(truth)
-        by_nodule = {n: s for n, s in matched if n is not None and n >= 0}
+        by_nodule = {n: (s, f) for (n, s), f in zip(matched, found) if n is not None and n >= 0}
         for i, nod in enumerate(truth):
-            score = by_nodule.get(i)
-            hit_f = None
-            if score is not None:
-                hit_f = next(f for f in found if f.probability == score)
+            score, hit_f = by_nodule.get(i, (None, None))
             op_hits.append((nod, score is not None and score >= threshold, hit_f))
         op_fps += sum(1 for n, s in matched if n == -1 and s >= threshold)
         print(

@@ -12,8 +12,9 @@ from .spec import ModelSpec
 from .volume import Volume
 
 CANDIDATE_FRACTION = 0.5
-"""Regions are cut at this fraction of the reporting threshold, so a finding's extent does
-not shrink to its most certain core, and scored by their highest probability."""
+"""Regions are cut at this fraction of the reporting threshold (unless the spec sets
+``region_threshold``), so a finding's extent does not shrink to its most certain core, and
+scored by their highest probability."""
 
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
@@ -85,10 +86,13 @@ def segmentation_findings(prob: np.ndarray, grid: Grid, volume: Volume, spec: Mo
     """Findings from a probability map on the model grid (``prob`` covers ``grid.valid``).
 
     ``min_probability`` defaults to the spec's reporting threshold; evaluations pass a lower
-    one to see every candidate with its score (for FROC curves)."""
+    one to see every candidate with its score (for FROC curves). A spec's
+    ``region_threshold`` fixes where regions are cut whatever the threshold: a model whose
+    probabilities are spread by a temperature (``sigmoid(logit / T)``) would otherwise merge
+    whole vessel trees into one region at a low evaluation threshold."""
     out = spec.output
     report_at = out.threshold if min_probability is None else min_probability
-    cut = min(report_at, out.threshold) * CANDIDATE_FRACTION
+    cut = out.region_threshold or min(report_at, out.threshold) * CANDIDATE_FRACTION
     candidates = prob >= cut
     if out.within == "lungs":
         ny, nx = prob.shape[1:]

@@ -31,6 +31,7 @@ Example (abridged)::
     name = "logits"
     activation = "sigmoid"           # or "none" when the model outputs probabilities
     threshold = 0.5
+    region_threshold = 0.0           # segmentation: regions are cut here (0: half the threshold)
     ...
 """
 from __future__ import annotations
@@ -86,6 +87,7 @@ class OutputSpec:
     activation: str = "sigmoid"
     threshold: float = 0.5
     # segmentation
+    region_threshold: float = 0.0  # regions are cut here; 0: half the reporting threshold
     min_component_mm3: float = 0.0
     solid_hu: float = -300.0
     solid_fraction: float = 0.5
@@ -207,6 +209,8 @@ def load_spec(folder: str | Path) -> ModelSpec:
         raise SpecError(f"{where} [output].activation: 'sigmoid' or 'none'")
     if not 0.0 < out.threshold < 1.0:
         raise SpecError(f"{where} [output].threshold: between 0 and 1")
+    if not 0.0 <= out.region_threshold <= out.threshold:
+        raise SpecError(f"{where} [output].region_threshold: between 0 and the threshold ({out.threshold})")
     if out.within not in ("anywhere", "lungs"):
         raise SpecError(f"{where} [output].within: 'anywhere' or 'lungs'")
     if out.aggregate not in AGGREGATES:

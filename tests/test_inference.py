@@ -21,7 +21,7 @@ NODULE_TOML = (Path(__file__).resolve().parents[1] / "inference" / "models" / "l
 def test_reference_specs_load():
     assert {"lung-nodule-ct", "lung-triage-ct"} <= set(available_models())
     nod = find_model("lung-nodule-ct")
-    assert nod.task == "segmentation" and nod.version == "1.0.0"
+    assert nod.task == "segmentation" and nod.version == "1.1.0"
     assert nod.input.context_slices == 7 and nod.input.crop == "lungs"
     assert nod.codes["finding"].value == "27925004"
     tri = find_model("lung-triage-ct")
@@ -44,7 +44,8 @@ def _spec_dir(tmp_path, text):
         (("context_slices = 7", "context_slices = 4"), "[input].context_slices"),
         (('crop = "lungs"', 'crop = "liver"'), "[input].crop"),
         (("hu_window = [-1000.0, 400.0]", "hu_window = [400.0, -1000.0]"), "[input].hu_window"),
-        (("threshold = 0.5", "threshold = 1.5"), "[output].threshold"),
+        (("threshold = 0.95", "threshold = 1.5"), "[output].threshold"),
+        (("region_threshold = 0.43", "region_threshold = 0.99"), "[output].region_threshold: between 0 and the threshold"),
         (("min_slices = 40", 'min_slices = "many"'), "[selector].min_slices: expected int"),
         (('series_description = ""', 'series_description = "("'), "not a regular expression"),
         (('finding = ["27925004", "SCT", "Nodule"]', 'finding = ["27925004", "SCT"]'), "[codes].finding"),
@@ -133,9 +134,12 @@ def test_lung_box_excludes_the_air_around_the_patient():
 
 
 # -- postprocessing ---------------------------------------------------------------------------
-def _anywhere(spec):
-    """The nodule spec without its lungs-only rule: these volumes are lung from edge to edge."""
-    return dataclasses.replace(spec, output=dataclasses.replace(spec.output, within="anywhere"))
+def _anywhere(spec, threshold: float = 0.5, region_threshold: float = 0.0):
+    """The nodule spec without its lungs-only rule (these volumes are lung from edge to
+    edge), reporting at ``threshold`` with regions cut at half of it unless
+    ``region_threshold`` is given: the probabilities below are written by hand."""
+    return dataclasses.replace(spec, output=dataclasses.replace(
+        spec.output, within="anywhere", threshold=threshold, region_threshold=region_threshold))
 
 
 def _ball(shape, centre, radius_vox):
@@ -173,6 +177,30 @@ def test_probability_blobs_become_findings_with_geometry():
     # raising the bar drops the weaker one; lowering it for FROC keeps every candidate
     assert len(segmentation_findings(prob, grid, v, spec, min_probability=0.8)) == 1
     assert a.as_json()["center_lps_mm"] == [-85.0, -30.0, 210.0]
+
+
+def test_a_region_threshold_keeps_regions_apart_at_any_reporting_threshold():
+    """Two blobs joined by a faint bridge (0.1): cut at half of a low evaluation threshold
+    (0.025) they are one region; with the spec's region_threshold (0.3) they stay two,
+    whatever threshold the caller asks for, and each keeps its own score."""
+    shape = (20, 40, 60)
+    hu = np.full(shape, -850, dtype=np.int16)
+    a, b = _ball(shape, (10, 20, 15), 4), _ball(shape, (10, 20, 45), 4)
+    prob = np.zeros(shape, dtype=np.float32)
+    prob[10, 20, 15:46] = 0.1
+    prob[a], prob[b] = 0.97, 0.8
+    v = Volume(hu=hu, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
+    grid = Grid(hu=hu, offset=np.zeros(3), scale=np.ones(3), spacing=(1.0, 1.0, 1.0), valid=shape)
+    base = find_model("lung-nodule-ct")
+    merged = segmentation_findings(prob, grid, v, _anywhere(base, 0.5), min_probability=0.05)
+    assert len(merged) == 1
+    apart = segmentation_findings(prob, grid, v, _anywhere(base, 0.95, region_threshold=0.3), min_probability=0.05)
+    assert [round(f.probability, 2) for f in apart] == [0.97, 0.8]
+    assert [round(f.center_index[2]) for f in apart] == [15, 45]
+    # at the spec's own threshold only the stronger one is reported
+    assert len(segmentation_findings(prob, grid, v, _anywhere(base, 0.95, region_threshold=0.3))) == 1
+    # the reference model's spec cuts its regions where its temperature-4 sigmoid needs it
+    assert 0.0 < base.output.region_threshold < base.output.threshold
 
 
 def test_findings_on_a_resampled_grid_map_back_to_the_source():
@@ -255,10 +283,10 @@ def test_lung_nodules_must_lie_in_the_lungs():
     grid = Grid(hu=hu, offset=np.zeros(3), scale=np.ones(3), spacing=(1.0, 1.0, 1.0), valid=shape)
     prob = np.zeros(shape, dtype=np.float32)
     for centre in ((10, 40, 40), (10, 40, 70), (10, 3, 3)):  # lung, chest wall, outside air
-        prob[_ball(shape, centre, 2.5)] = 0.9
+        prob[_ball(shape, centre, 2.5)] = 0.99  # above the reference model's reporting threshold
     found = segmentation_findings(prob, grid, v, spec)
     assert [tuple(np.rint(f.center_index).astype(int)) for f in found] == [(10, 40, 40)]
     # on the pleura: centre just outside the lung, within the margin
     prob[:] = 0
-    prob[_ball(shape, (10, 40, 64), 2.5)] = 0.9
+    prob[_ball(shape, (10, 40, 64), 2.5)] = 0.99  # above the reference model's reporting threshold
     assert len(segmentation_findings(prob, grid, v, spec)) == 1
