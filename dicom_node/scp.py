@@ -835,11 +835,6 @@ class AddressLimiter:
             self._refused[host] = (last, count + 1)
             return None
 
-    def held(self) -> int:
-        with self._lock:
-            self._live(time.monotonic())
-            return len(self._open)
-
 
 class NodeAssociationServer(ThreadedAssociationServer):
     """pynetdicom's association server, fed by the node.
