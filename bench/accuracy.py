@@ -135,6 +135,7 @@ def main(argv=None) -> int:
                                   search=[args.models] if args.models else None)
     threshold = nodule.spec.output.threshold
     per_scan, truths, nodules_all, triage_scores, triage_labels = [], [], [], [], []
+    scan_seeds = []
     op_hits, op_fps = [], 0
     t_start = time.monotonic()
     neg_seeds = list(range(50_000, 50_000 + args.negatives))
@@ -149,7 +150,9 @@ def main(argv=None) -> int:
         if extra:
             print(f"seed {seed}: no nodules (triage only), triage {tri.probability:.3f}", flush=True)
             continue
-        found, _ = run_model(nodule, ph.volume, min_probability=0.05)
+        # every candidate region: with a rescorer the regions are cut at the spec's
+        # region_threshold whatever the floor; without one a floor of 0.05 cuts them at 0.025
+        found, _ = run_model(nodule, ph.volume, min_probability=0.0 if nodule.spec.rescore.features else 0.05)
         dt = time.perf_counter() - t0
         # match() answers per candidate in this order (a stable sort, best first), so the
         # finding behind each answer is known by position, never looked up by its score
@@ -157,6 +160,7 @@ def main(argv=None) -> int:
         matched = match([(f.probability, f.center_lps_mm) for f in found], truth)
         per_scan.append(matched)
         truths.append(truth)
+        scan_seeds.append(seed)
         nodules_all.extend(truth)
         by_nodule = {n: (s, f) for (n, s), f in zip(matched, found) if n is not None and n >= 0}
         for i, nod in enumerate(truth):
@@ -215,6 +219,12 @@ def main(argv=None) -> int:
     tri_auc = auc(triage_scores, triage_labels)
     print(f"lung-triage-ct: ROC AUC {tri_auc:.3f} on {len(triage_scores)} phantoms "
           f"({sum(triage_labels)} with nodules, {len(triage_labels) - sum(triage_labels)} without)")
+    # each nodule's best score (None: no candidate hit it), for looking into the misses
+    per_nodule = []
+    for seed, truth, matched in zip(scan_seeds, truths, per_scan):
+        hits = {n: sc for n, sc in matched if n is not None and n >= 0}
+        per_nodule += [{"seed": seed, "diameter_mm": round(nod["diameter_mm"], 1), "type": nod["type"],
+                        "juxtapleural": nod.get("juxtapleural", False), "score": hits.get(i)} for i, nod in enumerate(truth)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"accuracy-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -223,7 +233,7 @@ def main(argv=None) -> int:
         "froc": dict(zip([str(r) for r in FP_RATES], sens)), "froc_score": score,
         "sensitivity_ge6mm_at_1fp": sens_big_1fp, "threshold_1fp": thr_1fp,
         "fp_per_scan_at_threshold": op_fps / max(n_scans, 1), "by_size": rows,
-        "types": types, "triage_auc": tri_auc,
+        "types": types, "triage_auc": tri_auc, "per_nodule": per_nodule,
         "onnx_sha256": {m.spec.name: hashlib.sha256(m.spec.onnx_path.read_bytes()).hexdigest() for m in (nodule, triage)},
     }, indent=2))
     print(f"raw numbers: {path}")

@@ -37,6 +37,7 @@ class Finding:
     mask_offset: tuple[int, int, int] = (0, 0, 0)
     short_axis_mm: float = 0.0
     solid_component_mm: float = 0.0
+    features: dict[str, float] = field(default_factory=dict, repr=False)  # the candidate's, for a rescorer
 
     @property
     def mean_diameter_mm(self) -> float:

@@ -82,6 +82,46 @@ def _source_mask(comp: np.ndarray, grid_box, grid: Grid, volume: Volume):
     return mask, tuple(start)
 
 
+def region_features(region: np.ndarray, prob_box: np.ndarray, peak: float, hu_box: np.ndarray, spacing,
+                    long_axis: float, short_axis: float) -> dict[str, float]:
+    """The features of :data:`inference.spec.RESCORE_FEATURES` for one candidate region
+    (a boolean mask on the model grid, with the probability and HU boxes around it)."""
+    voxel_mm3 = float(np.prod(spacing))
+    volume = float(region.sum()) * voxel_mm3
+    slices = int(region.any(axis=(1, 2)).sum())
+    z_extent = slices * float(spacing[0])
+    mm = np.argwhere(region) * np.asarray(spacing, dtype=np.float64)
+    # a voxel's own extent keeps a one-slice region's covariance from being singular
+    cov = np.diag(np.asarray(spacing, dtype=np.float64) ** 2 / 12)
+    if len(mm) > 1:
+        cov = cov + np.cov(mm.T)
+    ev = np.sort(np.linalg.eigvalsh(cov))
+    hu = hu_box[region].astype(np.float64)
+    p = min(max(peak, 1e-6), 1 - 1e-6)
+    long_axis = max(long_axis, float(spacing[1]))
+    short_axis = max(short_axis, float(spacing[2]))
+    return {
+        "logit": float(np.log(p / (1 - p))),
+        "mean_probability": float(prob_box[region].mean()),
+        "log_volume": float(np.log(volume)),
+        "log_z_extent": float(np.log(z_extent)),
+        "log_long_axis": float(np.log(long_axis)),
+        "log_elongation": float(0.5 * np.log(ev[2] / ev[0])),
+        "log_elongation_2": float(0.5 * np.log(ev[2] / ev[1])),
+        "mean_hu": float(hu.mean()),
+        "std_hu": float(hu.std()),
+        "fill": volume / (np.pi / 6 * long_axis * short_axis * z_extent),
+        "single_slice": float(slices == 1),
+    }
+
+
+def rescored(features: dict[str, float], spec: ModelSpec) -> float:
+    """The ``[rescore]`` classifier's probability for one candidate."""
+    r = spec.rescore
+    z = r.bias + sum(w * features[name] for name, w in zip(r.features, r.weights))
+    return float(1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0))))
+
+
 def segmentation_findings(prob: np.ndarray, grid: Grid, volume: Volume, spec: ModelSpec, min_probability: float | None = None) -> list[Finding]:
     """Findings from a probability map on the model grid (``prob`` covers ``grid.valid``).
 
@@ -89,8 +129,12 @@ def segmentation_findings(prob: np.ndarray, grid: Grid, volume: Volume, spec: Mo
     one to see every candidate with its score (for FROC curves). A spec's
     ``region_threshold`` fixes where regions are cut whatever the threshold: a model whose
     probabilities are spread by a temperature (``sigmoid(logit / T)``) would otherwise merge
-    whole vessel trees into one region at a low evaluation threshold."""
+    whole vessel trees into one region at a low evaluation threshold.
+
+    With a ``[rescore]`` table a finding's probability is the rescorer's, and the
+    thresholds apply to it; the region's features are kept on ``Finding.features``."""
     out = spec.output
+    rescoring = bool(spec.rescore.features)
     report_at = out.threshold if min_probability is None else min_probability
     cut = out.region_threshold or min(report_at, out.threshold) * CANDIDATE_FRACTION
     candidates = prob >= cut
@@ -108,13 +152,18 @@ def segmentation_findings(prob: np.ndarray, grid: Grid, volume: Volume, spec: Mo
             continue
         comp = labels[box] == idx
         p = np.where(comp, prob[box], 0.0)
-        score = float(p.max())
-        if score < report_at:
+        peak = float(p.max())
+        if peak < report_at and not rescoring:
             continue
         core = comp & (prob[box] >= 0.5)  # the segmentation's own boundary
         region = core if core.any() else comp
         volume_mm3 = float(region.sum()) * voxel_mm3
         if volume_mm3 < out.min_component_mm3:
+            continue
+        long_axis, short_axis = _largest_axes(region, grid.spacing[1], grid.spacing[2])
+        features = region_features(region, prob[box], peak, grid.hu[box], grid.spacing, long_axis, short_axis)
+        score = rescored(features, spec) if rescoring else peak
+        if score < report_at:
             continue
         w = p * region
         coords = np.argwhere(region)
@@ -123,7 +172,6 @@ def segmentation_findings(prob: np.ndarray, grid: Grid, volume: Volume, spec: Mo
         centre_grid += [s.start for s in box]
         centre_src = grid.to_source_index(centre_grid)
         centre = volume.index_to_lps(centre_src)
-        long_axis, short_axis = _largest_axes(region, grid.spacing[1], grid.spacing[2])
         mask, offset = _source_mask(region, box, grid, volume)
         sl = tuple(slice(o, o + s) for o, s in zip(offset, mask.shape))
         hu_box = volume.hu[sl]
@@ -151,6 +199,7 @@ def segmentation_findings(prob: np.ndarray, grid: Grid, volume: Volume, spec: Mo
                 mask_offset=offset,
                 short_axis_mm=short_axis,
                 solid_component_mm=solid if kind == "part-solid" else (long_axis + short_axis) / 2 if kind == "solid" else 0.0,
+                features=features,
             )
         )
     findings.sort(key=lambda f: -f.probability)

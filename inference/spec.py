@@ -33,6 +33,11 @@ Example (abridged)::
     threshold = 0.5
     region_threshold = 0.0           # segmentation: regions are cut here (0: half the threshold)
     ...
+
+    [rescore]                        # optional, segmentation: a candidate classifier
+    features = ["logit", "log_z_extent"]
+    weights = [0.4, 1.2]             # probability = sigmoid(bias + sum(weight * feature))
+    bias = -3.0
 """
 from __future__ import annotations
 
@@ -46,6 +51,21 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 TASKS = ("segmentation", "classification")
 CROPS = ("lungs", "body", "none")
 AGGREGATES = ("max", "mean-top3")
+RESCORE_FEATURES = (
+    "logit",             # log-odds of the region's peak probability
+    "mean_probability",  # mean probability inside the region
+    "log_volume",        # ln mm3
+    "log_z_extent",      # ln mm along the slice normal (slices spanned x slice spacing)
+    "log_long_axis",     # ln mm, the in-plane long axis on the model grid
+    "log_elongation",    # ln sqrt(largest / smallest eigenvalue of the region's covariance in mm)
+    "log_elongation_2",  # ln sqrt(largest / middle eigenvalue)
+    "mean_hu",           # inside the region, on the model grid
+    "std_hu",
+    "fill",              # volume / the ellipsoid of long axis, short axis and z extent
+    "single_slice",      # 1 when the region lies on one slice of the model grid
+)
+"""Candidate features a ``[rescore]`` table may weigh (computed by
+:func:`inference.postprocess.region_features`)."""
 
 
 class SpecError(ValueError):
@@ -100,6 +120,20 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class RescoreSpec:
+    """A segmentation model's second stage: a logistic regression on each candidate
+    region's features (:data:`inference.postprocess.RESCORE_FEATURES`) that replaces the
+    region's peak probability as its score. The network sees 2D slabs; the rescorer sees the
+    region in 3D (how many slices it spans, how elongated it is), which is what tells a
+    nodule from a vessel crossing one slice. Fitted by ``python -m inference.training`` on
+    phantoms neither the network nor any evaluation saw; empty: the peak probability."""
+
+    features: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    bias: float = 0.0
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     version: str
@@ -110,6 +144,7 @@ class ModelSpec:
     output: OutputSpec
     codes: dict[str, Code] = field(default_factory=dict)
     description: str = ""
+    rescore: RescoreSpec = RescoreSpec()
 
     @property
     def onnx_path(self) -> Path:
@@ -127,6 +162,7 @@ _SECTIONS = {
     "selector": Selector,
     "input": InputSpec,
     "output": OutputSpec,
+    "rescore": RescoreSpec,
 }
 
 
@@ -178,14 +214,14 @@ def load_spec(folder: str | Path) -> ModelSpec:
     for key in ("name", "version", "task"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise SpecError(f"{where}: {key} must be a non-empty string")
-    allowed = {"name", "version", "task", "description", "selector", "input", "output", "codes"}
+    allowed = {"name", "version", "task", "description", "selector", "input", "output", "codes", "rescore"}
     for key in raw:
         if key not in allowed:
             raise SpecError(f"{where}: unknown key {key!r}")
     if raw["task"] not in TASKS:
         raise SpecError(f"{where}: task must be one of {', '.join(TASKS)}, got {raw['task']!r}")
     parts = {name: _section(cls, raw.get(name, {}), f"{where} [{name}]") for name, cls in _SECTIONS.items()}
-    sel, inp, out = parts["selector"], parts["input"], parts["output"]
+    sel, inp, out, rescore = parts["selector"], parts["input"], parts["output"], parts["rescore"]
     if sel.series_description:
         try:
             re.compile(sel.series_description)
@@ -209,7 +245,9 @@ def load_spec(folder: str | Path) -> ModelSpec:
         raise SpecError(f"{where} [output].activation: 'sigmoid' or 'none'")
     if not 0.0 < out.threshold < 1.0:
         raise SpecError(f"{where} [output].threshold: between 0 and 1")
-    if not 0.0 <= out.region_threshold <= out.threshold:
+    if rescore.features or rescore.weights:
+        rescore = _check_rescore(rescore, raw["task"], out, where)
+    elif not 0.0 <= out.region_threshold <= out.threshold:
         raise SpecError(f"{where} [output].region_threshold: between 0 and the threshold ({out.threshold})")
     if out.within not in ("anywhere", "lungs"):
         raise SpecError(f"{where} [output].within: 'anywhere' or 'lungs'")
@@ -230,7 +268,27 @@ def load_spec(folder: str | Path) -> ModelSpec:
         output=out,
         codes=codes,
         description=str(raw.get("description", "")),
+        rescore=rescore,
     )
+
+
+def _check_rescore(rescore: RescoreSpec, task: str, out: OutputSpec, where: str) -> RescoreSpec:
+    if task != "segmentation":
+        raise SpecError(f"{where} [rescore]: only for segmentation models")
+    unknown = [f for f in rescore.features if f not in RESCORE_FEATURES]
+    if unknown:
+        raise SpecError(f"{where} [rescore].features: unknown {unknown[0]!r} (known: {', '.join(RESCORE_FEATURES)})")
+    if len(set(rescore.features)) != len(rescore.features):
+        raise SpecError(f"{where} [rescore].features: a feature is named twice")
+    if len(rescore.weights) != len(rescore.features):
+        raise SpecError(f"{where} [rescore].weights: one per feature ({len(rescore.features)}), got {len(rescore.weights)}")
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w != w for w in rescore.weights):
+        raise SpecError(f"{where} [rescore].weights: numbers")
+    # the network's map is cut where the spec says; the threshold applies to the rescored
+    # probability, a different scale, so the two are not compared
+    if not 0.0 < out.region_threshold < 1.0:
+        raise SpecError(f"{where} [output].region_threshold: a model with [rescore] cuts its regions there (between 0 and 1)")
+    return RescoreSpec(tuple(rescore.features), tuple(float(w) for w in rescore.weights), rescore.bias)
 
 
 def find_model(name: str, search: list[str | Path] | None = None) -> ModelSpec:

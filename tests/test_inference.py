@@ -11,7 +11,7 @@ import pytest
 from inference.findings import Finding
 from inference.postprocess import classification, nodule_type, segmentation_findings
 from inference.preprocess import Grid, pad_to_multiple, prepare, region_bbox, resample, slice_stack, window
-from inference.spec import SpecError, available_models, find_model, load_spec
+from inference.spec import RescoreSpec, SpecError, available_models, find_model, load_spec
 from inference.volume import AXIAL_DIRECTION, Volume
 
 NODULE_TOML = (Path(__file__).resolve().parents[1] / "inference" / "models" / "lung-nodule-ct" / "model.toml").read_text()
@@ -137,8 +137,9 @@ def test_lung_box_excludes_the_air_around_the_patient():
 def _anywhere(spec, threshold: float = 0.5, region_threshold: float = 0.0):
     """The nodule spec without its lungs-only rule (these volumes are lung from edge to
     edge), reporting at ``threshold`` with regions cut at half of it unless
-    ``region_threshold`` is given: the probabilities below are written by hand."""
-    return dataclasses.replace(spec, output=dataclasses.replace(
+    ``region_threshold`` is given: the probabilities below are written by hand, and a
+    finding's probability is the map's peak (no rescorer; tests/test_rescore.py has it)."""
+    return dataclasses.replace(spec, rescore=RescoreSpec(), output=dataclasses.replace(
         spec.output, within="anywhere", threshold=threshold, region_threshold=region_threshold))
 
 
@@ -274,6 +275,7 @@ def test_lung_nodules_must_lie_in_the_lungs():
     pleura) is kept, one in the chest wall, one in the air around the patient are not."""
     spec = find_model("lung-nodule-ct")
     assert spec.output.within == "lungs"
+    spec = dataclasses.replace(spec, rescore=RescoreSpec())  # the map's peak is the score here
     shape = (20, 80, 80)
     hu = np.full(shape, -1000, dtype=np.int16)
     k, j, i = np.indices(shape)

@@ -25,9 +25,10 @@ import torch
 from torch.nn import functional as F
 
 from ..spec import find_model, load_spec
-from . import TRAIN_SEED_START
+from . import TRAIN_SEED_START, VALIDATION_SEED_START
 from .data import SAMPLES_VERSION, cached_samples, mined_negatives
 from .nets import NODULE_WIDTHS, NoduleUNet, TriageCNN, WithSigmoid
+from .rescore import candidate_table, fit_logistic, rescore_table, write_rescore
 
 NODULE = "lung-nodule-ct"
 TRIAGE = "lung-triage-ct"
@@ -70,6 +71,25 @@ def mine(model_dir: Path, seeds, cache: Path, workers: int):
     print(f"  mined {len(paths)} phantoms ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
     parts = [np.load(p) for p in paths]
     return np.concatenate([p["patches"] for p in parts]), np.concatenate([p["masks"] for p in parts])
+
+
+def fit_rescorer(model_dir: Path, seeds, workers: int, l2: float) -> dict:
+    """Fit the nodule model's rescorer on the candidates of ``seeds`` and write it into
+    ``model_dir/model.toml``."""
+    t0 = time.monotonic()
+    jobs = [(s, str(model_dir)) for s in seeds]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(candidate_table, jobs))
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    weights, bias = fit_logistic(x, y, l2)
+    note = (f"fitted on {len(y)} candidates ({int(y.sum())} nodules) of phantoms {seeds.start}-{seeds.stop - 1}, "
+            f"L2 {l2:g}; probability = sigmoid(bias + sum(weight * feature))")
+    write_rescore(model_dir / "model.toml", rescore_table(weights, bias, note))
+    print(f"{NODULE}: rescorer {note} ({time.monotonic() - t0:.0f} s). The reporting threshold is on its scale: "
+          f"choose it again on the validation phantoms (bench/accuracy.py --seeds {VALIDATION_SEED_START}-"
+          f"{VALIDATION_SEED_START + 19} --models {model_dir.parent})", file=sys.stderr)
+    return {"rescore_seeds": [seeds.start, seeds.stop - 1], "candidates": int(len(y)), "nodules": int(y.sum()), "l2": l2}
 
 
 def _windowed(x: np.ndarray, hu_window) -> torch.Tensor:
@@ -246,7 +266,8 @@ def main(argv=None) -> int:
                     help="hard-negative mining rounds, each on the next --mine-phantoms training phantoms")
     # 4 found more small nodules but let more vessels through: FROC 0.63 against 0.67 on
     # seeds 0-11, so the published model has none
-    ap.add_argument("--small-boost", type=float, default=0.0, help="extra weight of small-nodule patches in round 2")
+    ap.add_argument("--small-boost", type=float, default=0.0,
+                    help="extra weight of small-nodule patches in the mining rounds' fine-tuning")
     ap.add_argument("--resume", action="store_true", help="reuse cached round-1 weights of the nodule network")
     ap.add_argument("--temperature", type=float, default=4.0,
                     help="the nodule network's exported probability is sigmoid(logit / this)")
@@ -256,7 +277,16 @@ def main(argv=None) -> int:
     ap.add_argument("--dice-weight", type=float, default=0.3, help="weight of the Dice loss over the batch")
     ap.add_argument("--nodule-dice-weight", type=float, default=0.3,
                     help="weight of the Dice loss averaged over the patches showing a nodule")
+    ap.add_argument("--rescore-phantoms", type=int, default=100,
+                    help="phantoms after the training ones to fit the nodule rescorer on (0: none)")
+    ap.add_argument("--rescore-l2", type=float, default=1.0, help="L2 penalty of the rescorer (standardised features)")
+    ap.add_argument("--rescore-only", action="store_true", help="only fit the rescorer of the nodule model in --out")
     args = ap.parse_args(argv)
+    rescore_seeds = range(TRAIN_SEED_START + args.phantoms, TRAIN_SEED_START + args.phantoms + args.rescore_phantoms)
+    if rescore_seeds.stop > VALIDATION_SEED_START:
+        ap.error(f"--phantoms + --rescore-phantoms: at most {VALIDATION_SEED_START - TRAIN_SEED_START} (validation seeds follow)")
+    if args.rescore_only and not args.rescore_phantoms:
+        ap.error("--rescore-only needs --rescore-phantoms above 0")
     try:
         widths = tuple(int(w) for w in args.widths.split(","))
         if len(widths) != 4 or min(widths) < 1:
@@ -270,6 +300,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     nodule = load_spec(out / NODULE) if (out / NODULE / "model.toml").exists() else find_model(NODULE)
     triage = load_spec(out / TRIAGE) if (out / TRIAGE / "model.toml").exists() else find_model(TRIAGE)
+    if args.rescore_only:
+        print(json.dumps({NODULE: fit_rescorer(out / NODULE, rescore_seeds, args.workers, args.rescore_l2)}, indent=2))
+        return 0
     seeds = range(TRAIN_SEED_START, TRAIN_SEED_START + args.phantoms)
     print(f"phantoms: seeds {seeds.start}-{seeds.stop - 1}", file=sys.stderr)
     patches, masks, slices, labels = build_dataset(seeds, nodule.input, triage.input, Path(args.cache), args.workers)
@@ -319,6 +352,8 @@ def main(argv=None) -> int:
         report[NODULE].update(onnx_max_abs_diff=diff, temperature=args.temperature)
         print(f"{NODULE}: exported, max |onnx - torch| = {diff:.2e}", file=sys.stderr)
         torch.save(net.state_dict(), Path(args.cache) / f"{NODULE}.pt")
+        if args.rescore_phantoms:
+            report[NODULE]["rescore"] = fit_rescorer(out / NODULE, rescore_seeds, args.workers, args.rescore_l2)
     if args.only in (None, TRIAGE):
         net = train_triage(slices, labels, triage, args.triage_steps, min(args.batch, 16), args.seed)
         example = _windowed(slices[:2], triage.input.hu_window)

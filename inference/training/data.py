@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from ..phantom import generate_phantom
 from ..preprocess import Grid, prepare, resample, region_bbox
-from ..spec import InputSpec
+from ..spec import InputSpec, RescoreSpec
 
 PATCH = 64
 SAMPLES_VERSION = 2  # bump when sampling changes, so cached samples are not reused
@@ -134,7 +134,9 @@ def mined_negatives(job) -> str:
     # The network mid-training is exported with a plain sigmoid: cut its regions at half of
     # ``threshold`` (a logit of -1.1 at 0.5), whatever the published spec says for the
     # temperature-scaled final export.
-    spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, threshold=threshold, region_threshold=0.0))
+    # No rescorer either: the one in model.toml belongs to the previous network.
+    spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, threshold=threshold, region_threshold=0.0),
+                               rescore=RescoreSpec())
     engine = OnnxRuntimeEngine(spec.onnx_path, threads=1)
     ph = generate_phantom(seed, with_labels=True)
     found, _ = run_model(LoadedModel(spec, engine), ph.volume, min_probability=threshold)
