@@ -21,7 +21,7 @@ NODULE_TOML = (Path(__file__).resolve().parents[1] / "inference" / "models" / "l
 def test_reference_specs_load():
     assert {"lung-nodule-ct", "lung-triage-ct"} <= set(available_models())
     nod = find_model("lung-nodule-ct")
-    assert nod.task == "segmentation" and nod.version == "1.1.0"
+    assert nod.task == "segmentation" and nod.version == "1.2.0"
     assert nod.input.context_slices == 7 and nod.input.crop == "lungs"
     assert nod.codes["finding"].value == "27925004"
     tri = find_model("lung-triage-ct")
@@ -44,8 +44,8 @@ def _spec_dir(tmp_path, text):
         (("context_slices = 7", "context_slices = 4"), "[input].context_slices"),
         (('crop = "lungs"', 'crop = "liver"'), "[input].crop"),
         (("hu_window = [-1000.0, 400.0]", "hu_window = [400.0, -1000.0]"), "[input].hu_window"),
-        (("threshold = 0.95", "threshold = 1.5"), "[output].threshold"),
-        (("region_threshold = 0.43", "region_threshold = 0.99"), "[output].region_threshold: between 0 and the threshold"),
+        (("threshold = 0.0777", "threshold = 1.5"), "[output].threshold"),
+        (("region_threshold = 0.43", "region_threshold = 1.0"), "[output].region_threshold: a model with [rescore] cuts"),
         (("min_slices = 40", 'min_slices = "many"'), "[selector].min_slices: expected int"),
         (('series_description = ""', 'series_description = "("'), "not a regular expression"),
         (('finding = ["27925004", "SCT", "Nodule"]', 'finding = ["27925004", "SCT"]'), "[codes].finding"),
@@ -201,7 +201,8 @@ def test_a_region_threshold_keeps_regions_apart_at_any_reporting_threshold():
     # at the spec's own threshold only the stronger one is reported
     assert len(segmentation_findings(prob, grid, v, _anywhere(base, 0.95, region_threshold=0.3))) == 1
     # the reference model's spec cuts its regions where its temperature-4 sigmoid needs it
-    assert 0.0 < base.output.region_threshold < base.output.threshold
+    # (its reporting threshold is on its rescorer's scale: tests/test_rescore.py)
+    assert 0.0 < base.output.region_threshold < 1.0 and base.rescore.features
 
 
 def test_findings_on_a_resampled_grid_map_back_to_the_source():

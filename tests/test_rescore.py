@@ -192,3 +192,7 @@ def test_candidates_of_a_phantom_are_labelled_by_its_truth():
     # nodules span more slices than the false positives, and the network is surer of them
     assert single[y == 1].mean() < single[y == 0].mean()
     assert np.median(logit[y == 1]) > np.median(logit[y == 0])
+    # the shipped rescorer ranks the nodules above the median false positive
+    spec = find_model("lung-nodule-ct")
+    scores = np.array([rescored(dict(zip(RESCORE_FEATURES, row)), spec) for row in x])
+    assert spec.rescore.features and np.min(scores[y == 1]) > np.median(scores[y == 0])
