@@ -122,7 +122,7 @@ class OutputSpec:
 @dataclass(frozen=True)
 class RescoreSpec:
     """A segmentation model's second stage: a logistic regression on each candidate
-    region's features (:data:`inference.postprocess.RESCORE_FEATURES`) that replaces the
+    region's features (:data:`RESCORE_FEATURES`) that replaces the
     region's peak probability as its score. The network sees 2D slabs; the rescorer sees the
     region in 3D (how many slices it spans, how elongated it is), which is what tells a
     nodule from a vessel crossing one slice. Fitted by ``python -m inference.training`` on
