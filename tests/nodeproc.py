@@ -149,6 +149,18 @@ class NodeProcess(_Subprocess):
             text += "\n" + log_file.read_text(errors="replace")
         return text
 
+    def wait_for_log(self, needle: str, timeout: float = 10.0) -> str:
+        """The log once it holds ``needle``. The node writes an association's audit line
+        after it has answered the release, so a peer can be done before the line is."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log_text()
+            if needle in text:
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{needle!r} not in the node's log within {timeout} s:\n{text[-3000:]}")
+            time.sleep(0.1)
+
     def study(self, key: str | None = None) -> dict:
         """The one study of the journal (or the one with ``key``), with its history."""
         if key is None:

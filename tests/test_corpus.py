@@ -539,8 +539,14 @@ def test_the_node_survived_and_released_every_association(run: Run) -> None:
     node = run.node
     assert node.proc.poll() is None
     assert not list((node.spool / "tmp").iterdir()), "files left in spool/tmp"
-    text = node.log_text()
-    closed = set(RELEASED.findall(text))  # stderr and the log file hold the same lines
+    # the audit line follows the release, so the last one may still be on its way
+    deadline = time.monotonic() + 10
+    while True:
+        text = node.log_text()
+        closed = set(RELEASED.findall(text))  # stderr and the log file hold the same lines
+        if len(closed) >= run.associations or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     outcomes = Counter(outcome for _, outcome in closed)
     assert outcomes == {"released": run.associations}, f"{run.associations} associations: {outcomes}"
     assert "Traceback" not in text, text[text.index("Traceback") - 500:][:3000]

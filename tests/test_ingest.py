@@ -89,8 +89,8 @@ def test_storescu_study_is_stored_byte_exact_and_completes(node, tmp_path, dcmtk
     detail = node.status(study["study_key"])
     assert [h["to_state"] for h in detail["history"]] == ["RECEIVING", "COMPLETE", "QUEUED"]  # no worker: it waits
     assert not list((node.spool / "tmp").iterdir()), "temp files left in the spool"
-    text = node.log_text()
-    assert "association closed calling_ae=MODALITY1" in text and "instances=30" in text
+    text = node.wait_for_log("association closed calling_ae=MODALITY1")
+    assert "instances=30" in text
     assert_no_patient_data(node)
 
 
@@ -232,7 +232,7 @@ def test_bad_instances_get_failure_status_and_association_survives(node, tmp_pat
     assert [p.stem for p in node.stored_files()] == [good.SOPInstanceUID]
     assert not Path("/tmp/evil").exists()
     assert not list((node.spool / "tmp").iterdir())
-    assert "failures=4" in node.log_text()
+    assert "failures=4" in node.wait_for_log("association closed")
     assert_no_patient_data(node)
 
 
