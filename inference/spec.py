@@ -63,9 +63,19 @@ RESCORE_FEATURES = (
     "std_hu",
     "fill",              # volume / the ellipsoid of long axis, short axis and z extent
     "single_slice",      # 1 when the region lies on one slice of the model grid
+    # the HU image's curvature at the region's centre (scale-normalised Hessian, eigenvalues
+    # l1 <= l2 <= l3), at a scale fitted to the region (long axis / 3.4, at least 1 mm),
+    # at 1.5 mm and at 3 mm: a bright ball curves down in all three directions, a vessel in two
+    "blob_fitted",       # max(-l3, 0) / |l1|: 1 for a ball, 0 for a tube or a wall
+    "curvature_fitted",  # ln(1 + max(-l1, 0)), how bright and sharp the peak is
+    "blob_1_5mm",
+    "curvature_1_5mm",
+    "blob_3mm",
+    "curvature_3mm",
 )
 """Candidate features a ``[rescore]`` table may weigh (computed by
-:func:`inference.postprocess.region_features`)."""
+:func:`inference.postprocess.region_features` and
+:func:`inference.postprocess.hessian_features`)."""
 
 
 class SpecError(ValueError):

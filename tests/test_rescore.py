@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.postprocess import region_features, rescored, segmentation_findings
+from inference.postprocess import hessian_features, region_features, rescored, segmentation_findings
 from inference.preprocess import Grid
 from inference.spec import RESCORE_FEATURES, RescoreSpec, SpecError, find_model, load_spec
 from inference.training import TRAIN_SEED_START
@@ -42,7 +42,8 @@ def test_features_tell_a_ball_from_a_vessel_crossing_one_slice():
     hu[ball] = 20
     prob[ball] = 0.9
     f = _features(ball, prob, hu)
-    assert tuple(f) == RESCORE_FEATURES
+    assert tuple(f) == RESCORE_FEATURES[: len(f)]  # the shape, probability and HU features
+    assert set(f) | set(hessian_features(hu, (6, 20, 20), (2.0, 1.0, 1.0), 10.0)) == set(RESCORE_FEATURES)
     assert f["single_slice"] == 0.0
     assert f["log_z_extent"] == pytest.approx(math.log(ball.any(axis=(1, 2)).sum() * 2.0))
     assert f["log_volume"] == pytest.approx(math.log(ball.sum() * 2.0))
@@ -58,6 +59,33 @@ def test_features_tell_a_ball_from_a_vessel_crossing_one_slice():
     assert g["single_slice"] == 1.0
     assert g["log_z_extent"] == pytest.approx(math.log(2.0))
     assert g["log_elongation"] > 1.5 and g["log_elongation_2"] > 1.0
+
+
+def test_hessian_features_tell_a_small_ball_from_a_vessel_and_a_wall():
+    """A 4 mm solid ball, a 4 mm vessel running along the slices and a pleural wall, all
+    at 0 HU in lung at -850 HU, on the (2, 1, 1) mm grid with CT-like noise: only the ball
+    curves down along all three axes."""
+    shape = (20, 48, 48)
+    zz, yy, xx = np.indices(shape).astype(np.float64)
+    zz *= 2.0  # mm
+    rng = np.random.default_rng(3)
+    scenes = {
+        "ball": np.sqrt((zz - 20) ** 2 + (yy - 24) ** 2 + (xx - 24) ** 2) <= 2.0,
+        "vessel": np.sqrt((yy - 24) ** 2 + (xx - 24) ** 2) <= 2.0,
+        "wall": xx >= 24,
+    }
+    f = {}
+    for name, inside in scenes.items():
+        hu = np.where(inside, 0.0, -850.0) + rng.normal(0, 15, shape)
+        f[name] = hessian_features(np.rint(hu).astype(np.int16), (10, 24, 24), (2.0, 1.0, 1.0), 4.0)
+    for scale in ("fitted", "1_5mm", "3mm"):
+        assert f["ball"][f"blob_{scale}"] > 0.5, f["ball"]
+        assert f["vessel"][f"blob_{scale}"] < 0.2, f["vessel"]
+        assert f["wall"][f"blob_{scale}"] < 0.2, f["wall"]
+        assert f["ball"][f"curvature_{scale}"] > 3.0  # ln(1 + hundreds of HU)
+    # uniform lung: nothing curves
+    empty = hessian_features(np.full(shape, -850, dtype=np.int16), (10, 24, 24), (2.0, 1.0, 1.0), 4.0)
+    assert all(v == 0.0 for v in empty.values())
 
 
 def _rescoring_spec(weights: dict[str, float], bias: float, threshold: float):
