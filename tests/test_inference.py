@@ -21,7 +21,7 @@ NODULE_TOML = (Path(__file__).resolve().parents[1] / "inference" / "models" / "l
 def test_reference_specs_load():
     assert {"lung-nodule-ct", "lung-triage-ct"} <= set(available_models())
     nod = find_model("lung-nodule-ct")
-    assert nod.task == "segmentation" and nod.version == "1.3.0"
+    assert nod.task == "segmentation" and nod.version == "1.4.0"
     assert nod.input.context_slices == 7 and nod.input.crop == "lungs"
     assert nod.codes["finding"].value == "27925004"
     tri = find_model("lung-triage-ct")
@@ -44,7 +44,7 @@ def _spec_dir(tmp_path, text):
         (("context_slices = 7", "context_slices = 4"), "[input].context_slices"),
         (('crop = "lungs"', 'crop = "liver"'), "[input].crop"),
         (("hu_window = [-1000.0, 400.0]", "hu_window = [400.0, -1000.0]"), "[input].hu_window"),
-        (("threshold = 0.0656", "threshold = 1.5"), "[output].threshold"),
+        (("threshold = 0.0556", "threshold = 1.5"), "[output].threshold"),
         (("region_threshold = 0.43", "region_threshold = 1.0"), "[output].region_threshold: a model with [rescore] cuts"),
         (("min_slices = 40", 'min_slices = "many"'), "[selector].min_slices: expected int"),
         (('series_description = ""', 'series_description = "("'), "not a regular expression"),
